@@ -1,0 +1,310 @@
+"""The App: task registry, enqueueing, reading jobs, and migrations.
+
+```python
+from conveyor import App
+
+app = App()                       # CONVEYOR_DATABASE_URL, else embedded PostgreSQL
+
+@app.task(queue="default", max_attempts=3)
+async def add(ctx, a: int, b: int) -> int:
+    return a + b
+
+job = await add.enqueue(a=1, b=2)
+done = await app.wait(job.id, timeout=10)   # done.state == "succeeded", done.result == 3
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
+from typing import Any, overload
+
+import psycopg
+
+from conveyor.config import Config
+from conveyor.db.database import Database, Row
+from conveyor.errors import JobNotFound, TaskNotFound, WaitTimeout
+from conveyor.jobs import Job
+from conveyor.migrations.migrator import check_schema, migrate
+from conveyor.retry import DEFAULT_RETRY, RetryPolicy
+from conveyor.tasks import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_QUEUE,
+    EncodedJob,
+    JobSpec,
+    Task,
+    TaskFunction,
+    TaskOptions,
+)
+
+# Bulk inserts are split so one statement's arrays stay a few MB at most.
+INSERT_CHUNK = 5_000
+WAIT_POLL_MIN_S = 0.01
+WAIT_POLL_MAX_S = 0.25
+
+
+class App:
+    """A set of tasks bound to one PostgreSQL database and schema."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        schema: str | None = None,
+        config: Config | None = None,
+    ) -> None:
+        base = config or Config.from_env()
+        overrides: dict[str, Any] = {}
+        if database_url is not None:
+            overrides["database_url"] = database_url
+        if schema is not None:
+            overrides["schema"] = schema
+        self.config = Config(**{**_fields(base), **overrides})
+        self.db = Database(self.config)
+        self.tasks: dict[str, Task] = {}
+
+    def __repr__(self) -> str:
+        return f"<App schema={self.config.schema} tasks={len(self.tasks)}>"
+
+    # -- registry ----------------------------------------------------------
+
+    @overload
+    def task(self, func: TaskFunction, /) -> Task: ...
+
+    @overload
+    def task(
+        self,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        timeout: timedelta | float | None = None,
+    ) -> Callable[[TaskFunction], Task]: ...
+
+    def task(
+        self,
+        func: TaskFunction | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        timeout: timedelta | float | None = None,
+    ) -> Task | Callable[[TaskFunction], Task]:
+        """Register a task function (sync or async); its first parameter is the `JobContext`."""
+        if isinstance(timeout, int | float):
+            timeout = timedelta(seconds=timeout)
+        options = TaskOptions(
+            queue=queue, priority=priority, max_attempts=max_attempts, retry=retry, timeout=timeout
+        )
+
+        def register(fn: TaskFunction) -> Task:
+            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            task = Task(self, fn, task_name, options)
+            self.tasks[task_name] = task
+            return task
+
+        return register(func) if func is not None else register
+
+    def get_task(self, name: str) -> Task:
+        """The registered task called `name`; raises `TaskNotFound`."""
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise TaskNotFound(name, list(self.tasks)) from None
+
+    # -- enqueue -----------------------------------------------------------
+
+    async def enqueue(
+        self,
+        task: str | Task,
+        args: dict[str, Any] | None = None,
+        *,
+        connection: psycopg.AsyncConnection[Any] | None = None,
+        **options: Any,
+    ) -> Job:
+        """Enqueue one job of `task` (a name or a Task) with `args` and per-job options."""
+        resolved = self.get_task(task) if isinstance(task, str) else task
+        call = resolved.configure(connection=connection, **options)
+        return await call.enqueue(**(args or {}))
+
+    async def enqueue_many(
+        self,
+        specs: Iterable[JobSpec],
+        *,
+        connection: psycopg.AsyncConnection[Any] | None = None,
+    ) -> list[Job]:
+        """Enqueue jobs all-or-nothing, in one statement per few thousand; ids follow input order.
+
+        With `connection`, the jobs are written in the caller's transaction and
+        exist only if it commits (workers are woken at that commit).
+        """
+        encoded = self._encode(specs)
+        if connection is not None:
+            return await self._insert(encoded, connection)
+        if len(encoded) <= INSERT_CHUNK:
+            return await self._insert(encoded, None)
+        pool = await self.db.pool()
+        async with pool.connection() as conn, conn.transaction():
+            return await self._insert(encoded, conn)
+
+    def enqueue_sync(
+        self,
+        task: str | Task,
+        args: dict[str, Any] | None = None,
+        *,
+        connection: psycopg.Connection[Any] | None = None,
+        **options: Any,
+    ) -> Job:
+        """Sync twin of `enqueue`."""
+        resolved = self.get_task(task) if isinstance(task, str) else task
+        return resolved.configure(connection=connection, **options).enqueue_sync(**(args or {}))
+
+    def enqueue_many_sync(
+        self,
+        specs: Iterable[JobSpec],
+        *,
+        connection: psycopg.Connection[Any] | None = None,
+    ) -> list[Job]:
+        """Sync twin of `enqueue_many`."""
+        encoded = self._encode(specs)
+        if connection is not None or len(encoded) <= INSERT_CHUNK:
+            return self._insert_sync(encoded, connection)
+        with self.db.sync_pool().connection() as conn, conn.transaction():
+            return self._insert_sync(encoded, conn)
+
+    def _encode(self, specs: Iterable[JobSpec]) -> list[EncodedJob]:
+        encoded = []
+        for spec in specs:
+            task = self.get_task(spec.task)
+            task.check_arguments(spec.args)
+            encoded.append(spec.encode(self.config.max_payload_bytes))
+        return encoded
+
+    async def _insert(
+        self, jobs: Sequence[EncodedJob], conn: psycopg.AsyncConnection[Any] | None
+    ) -> list[Job]:
+        rows: list[Row] = []
+        for start in range(0, len(jobs), INSERT_CHUNK):
+            chunk = jobs[start : start + INSERT_CHUNK]
+            rows += await self.db.fetch(
+                "enqueue jobs", "job_insert_many", _insert_params(chunk), conn=conn
+            )
+        return _in_id_order(rows)
+
+    def _insert_sync(
+        self, jobs: Sequence[EncodedJob], conn: psycopg.Connection[Any] | None
+    ) -> list[Job]:
+        rows: list[Row] = []
+        for start in range(0, len(jobs), INSERT_CHUNK):
+            chunk = jobs[start : start + INSERT_CHUNK]
+            rows += self.db.fetch_sync(
+                "enqueue jobs", "job_insert_many", _insert_params(chunk), conn=conn
+            )
+        return _in_id_order(rows)
+
+    # -- read --------------------------------------------------------------
+
+    async def get_job(self, job_id: int) -> Job:
+        """The current state of job `job_id`; raises `JobNotFound`."""
+        rows = await self.db.fetch("get job", "job_get", {"id": job_id})
+        if not rows:
+            raise JobNotFound(job_id)
+        return Job.from_row(rows[0])
+
+    def get_job_sync(self, job_id: int) -> Job:
+        """Sync twin of `get_job`."""
+        rows = self.db.fetch_sync("get job", "job_get", {"id": job_id})
+        if not rows:
+            raise JobNotFound(job_id)
+        return Job.from_row(rows[0])
+
+    async def get_jobs(self, job_ids: Sequence[int]) -> list[Job]:
+        """Several jobs by id, in id order (missing ids are left out)."""
+        rows = await self.db.fetch("get jobs", "job_get_many", {"ids": list(job_ids)})
+        return [Job.from_row(r) for r in rows]
+
+    async def wait(self, job_id: int, timeout: float | timedelta | None = None) -> Job:
+        """Wait until job `job_id` is terminal and return it; raises `WaitTimeout`."""
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if seconds is None else loop.time() + seconds
+        pause = WAIT_POLL_MIN_S
+        while True:
+            job = await self.get_job(job_id)
+            if job.is_finished:
+                return job
+            if deadline is not None and loop.time() >= deadline:
+                raise WaitTimeout(f"job {job_id} is still {job.state} after {seconds}s")
+            remaining = None if deadline is None else deadline - loop.time()
+            await asyncio.sleep(pause if remaining is None else max(min(pause, remaining), 0))
+            pause = min(pause * 2, WAIT_POLL_MAX_S)
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """`{queue: {state: count}}` over all jobs."""
+        rows = await self.db.fetch("count jobs", "job_count_by_queue_state")
+        return _nest_counts(rows)
+
+    def counts_sync(self) -> dict[str, dict[str, int]]:
+        """Sync twin of `counts`."""
+        return _nest_counts(self.db.fetch_sync("count jobs", "job_count_by_queue_state"))
+
+    # -- schema and lifecycle ----------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        """Apply pending schema migrations; returns the versions applied."""
+        return await asyncio.to_thread(self.migrate_sync)
+
+    def migrate_sync(self) -> list[int]:
+        """Sync twin of `migrate`."""
+        return migrate(self.db.conninfo, self.config.schema)
+
+    def check_schema(self) -> int:
+        """Raise `SchemaVersionError` unless the schema is at this code's version."""
+        return check_schema(self.db.conninfo, self.config.schema)
+
+    async def close(self) -> None:
+        """Close this App's connection pools; safe to call twice."""
+        await self.db.close()
+
+    async def __aenter__(self) -> App:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _fields(config: Config) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+def _insert_params(jobs: Sequence[EncodedJob]) -> dict[str, list[Any]]:
+    return {
+        "queue": [j.queue for j in jobs],
+        "task": [j.task for j in jobs],
+        "args": [j.args for j in jobs],
+        "priority": [j.priority for j in jobs],
+        "max_attempts": [j.max_attempts for j in jobs],
+        "run_at": [j.run_at for j in jobs],
+        "delay_s": [j.delay_s for j in jobs],
+        "timeout_ms": [j.timeout_ms for j in jobs],
+        "meta": [j.meta for j in jobs],
+    }
+
+
+def _in_id_order(rows: list[Row]) -> list[Job]:
+    return sorted((Job.from_row(r) for r in rows), key=lambda j: j.id)
+
+
+def _nest_counts(rows: list[Row]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        counts.setdefault(row["queue"], {})[row["state"]] = int(row["count"])
+    return counts

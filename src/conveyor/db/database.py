@@ -1,0 +1,203 @@
+"""The gateway to PostgreSQL: pools, named statements, retries, typed errors.
+
+Every statement conveyor sends goes through `Database.fetch` (async) or
+`Database.fetch_sync` (sync, for enqueueing from Django/Flask code). Both
+retry transient failures with bounded backoff when they own the connection;
+on a caller's connection they never retry, because the caller owns the
+transaction and must decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from conveyor.config import Config
+from conveyor.db.connect import connection_kwargs, resolve_database_url
+from conveyor.db.queries import Queries
+from conveyor.db.sqlstate import is_transient, to_database_error
+
+log = logging.getLogger("conveyor.db")
+
+Row = dict[str, Any]
+Params = Mapping[str, Any]
+T = TypeVar("T")
+
+RETRY_BASE_DELAY_S = 0.05
+RETRY_MAX_DELAY_S = 2.0
+
+
+def retry_delay(attempt: int) -> float:
+    """Backoff before retry number `attempt` (0-based): full jitter, capped."""
+    ceiling = min(RETRY_BASE_DELAY_S * 2**attempt, RETRY_MAX_DELAY_S)
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class Database:
+    """Connection pools and named statements for one `Config`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.queries = Queries(config.schema)
+        self._conninfo: str | None = None
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Row]] | None = None
+        self._pool_lock = asyncio.Lock()
+        self._sync_pool: ConnectionPool[psycopg.Connection[Row]] | None = None
+        self._sync_lock = threading.Lock()
+
+    @property
+    def conninfo(self) -> str:
+        """The resolved connection URL (starts the embedded server on first use)."""
+        if self._conninfo is None:
+            self._conninfo = resolve_database_url(self.config)
+        return self._conninfo
+
+    @property
+    def schema(self) -> str:
+        """The schema conveyor's tables live in."""
+        return self.config.schema
+
+    def connect_kwargs(self, application_name: str = "conveyor") -> dict[str, Any]:
+        """Keyword arguments for a dedicated connection (listener, locks)."""
+        return connection_kwargs(self.config, application_name=application_name)
+
+    # -- async -------------------------------------------------------------
+
+    async def pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Row]]:
+        """The async pool, opened on first use."""
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    conninfo = await asyncio.to_thread(lambda: self.conninfo)
+                    pool: AsyncConnectionPool[psycopg.AsyncConnection[Row]] = AsyncConnectionPool(
+                        conninfo,
+                        min_size=1,
+                        max_size=self.config.pool_size,
+                        kwargs={
+                            "autocommit": True,
+                            "row_factory": dict_row,
+                            **self.connect_kwargs(),
+                        },
+                        connection_class=psycopg.AsyncConnection[Row],
+                        timeout=self.config.connect_timeout.total_seconds(),
+                        open=False,
+                        name="conveyor",
+                    )
+                    await pool.open()
+                    self._pool = pool
+        return self._pool
+
+    async def fetch(
+        self,
+        purpose: str,
+        query: str,
+        params: Params | None = None,
+        *,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+    ) -> list[Row]:
+        """Run the named `query` and return its rows as dicts."""
+        statement = self.queries[query]
+        if conn is not None:
+            try:
+                async with conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(statement, params)
+                    return await cur.fetchall() if cur.description else []
+            except psycopg.Error as exc:
+                raise to_database_error(purpose, exc, exhausted=False) from exc
+
+        async def attempt() -> list[Row]:
+            pool = await self.pool()
+            async with pool.connection() as own:
+                cur = await own.execute(statement, params)
+                return await cur.fetchall() if cur.description else []
+
+        return await self.retrying(purpose, attempt)
+
+    async def retrying(self, purpose: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run `operation`, retrying transient failures with backoff."""
+        retries = self.config.statement_retries
+        for attempt in range(retries + 1):
+            try:
+                return await operation()
+            except Exception as exc:
+                if not is_transient(exc) or attempt == retries:
+                    raise to_database_error(purpose, exc, exhausted=True) from exc
+                delay = retry_delay(attempt)
+                log.warning("%s: transient failure (%s), retry in %.2fs", purpose, exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- sync --------------------------------------------------------------
+
+    def sync_pool(self) -> ConnectionPool[psycopg.Connection[Row]]:
+        """The sync pool for enqueueing from sync code, opened on first use."""
+        with self._sync_lock:
+            if self._sync_pool is None:
+                pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
+                    self.conninfo,
+                    min_size=1,
+                    max_size=self.config.pool_size,
+                    kwargs={"autocommit": True, "row_factory": dict_row, **self.connect_kwargs()},
+                    connection_class=psycopg.Connection[Row],
+                    timeout=self.config.connect_timeout.total_seconds(),
+                    open=False,
+                    name="conveyor-sync",
+                )
+                pool.open()
+                self._sync_pool = pool
+            return self._sync_pool
+
+    def fetch_sync(
+        self,
+        purpose: str,
+        query: str,
+        params: Params | None = None,
+        *,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> list[Row]:
+        """Sync twin of `fetch`."""
+        statement = self.queries[query]
+        if conn is not None:
+            try:
+                with conn.cursor(row_factory=dict_row) as cur:
+                    cur.execute(statement, params)
+                    return cur.fetchall() if cur.description else []
+            except psycopg.Error as exc:
+                raise to_database_error(purpose, exc, exhausted=False) from exc
+        retries = self.config.statement_retries
+        for attempt in range(retries + 1):
+            try:
+                with self.sync_pool().connection() as own:
+                    cur = own.execute(statement, params)
+                    return cur.fetchall() if cur.description else []
+            except Exception as exc:
+                if not is_transient(exc) or attempt == retries:
+                    raise to_database_error(purpose, exc, exhausted=True) from exc
+                time.sleep(retry_delay(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close both pools; safe to call twice."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+        sync_pool, self._sync_pool = self._sync_pool, None
+        if sync_pool is not None:
+            await asyncio.to_thread(sync_pool.close)
+
+    def close_sync(self) -> None:
+        """Close the sync pool (the async one belongs to an event loop)."""
+        sync_pool, self._sync_pool = self._sync_pool, None
+        if sync_pool is not None:
+            sync_pool.close()

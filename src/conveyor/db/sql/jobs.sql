@@ -1,0 +1,129 @@
+-- Queries on conveyor.jobs. Parameters are named; every array parameter of a
+-- batch statement has one element per job.
+
+-- name: job_insert_many
+-- Insert a batch of jobs in one statement; run times come from the database clock.
+WITH input AS (
+    -- One row per job, in the caller's order (ord), so ids follow that order.
+    SELECT *
+    FROM unnest(
+        %(queue)s::text[], %(task)s::text[], %(args)s::text[], %(priority)s::smallint[],
+        %(max_attempts)s::integer[], %(run_at)s::timestamptz[], %(delay_s)s::float8[],
+        %(timeout_ms)s::integer[], %(meta)s::text[]
+    ) WITH ORDINALITY AS i(queue, task, args, priority, max_attempts, run_at, delay_s,
+                           timeout_ms, meta, ord)
+),
+timed AS (
+    -- An explicit run_at wins; otherwise now + delay on the database clock.
+    SELECT input.*, coalesce(run_at, conveyor.now() + make_interval(secs => delay_s)) AS due
+    FROM input
+)
+INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run_at,
+                           created_at, timeout_ms, meta)
+SELECT queue, task, args::jsonb,
+       (CASE WHEN due > conveyor.now() THEN 'scheduled' ELSE 'available' END)::conveyor.job_state,
+       priority, max_attempts, due, conveyor.now(), timeout_ms, meta::jsonb
+FROM timed
+ORDER BY ord
+RETURNING *;
+
+-- name: job_claim_many
+-- Claim up to `limit` due jobs for one worker: highest priority, then oldest run time, then id.
+WITH candidates AS (
+    -- SKIP LOCKED lets concurrent claimers take disjoint rows without waiting.
+    SELECT id
+    FROM conveyor.jobs
+    WHERE state IN ('scheduled', 'available')
+      AND queue = ANY(%(queues)s::text[])
+      AND run_at <= conveyor.now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE conveyor.jobs AS j
+SET state = 'running',
+    attempt = j.attempt + 1,
+    started_at = conveyor.now(),
+    lease_token = nextval('conveyor.lease_token_seq'),
+    lease_expires_at = conveyor.now() + make_interval(secs => %(lease_s)s),
+    worker_id = %(worker_id)s
+FROM candidates
+WHERE j.id = candidates.id
+RETURNING j.*;
+
+-- name: job_finish_many
+-- Record a batch of attempt outcomes; a row whose lease token is stale is left alone (fencing).
+WITH outcome AS (
+    SELECT *
+    FROM unnest(
+        %(id)s::bigint[], %(token)s::bigint[], %(state)s::text[], %(result)s::text[],
+        %(error)s::text[], %(retry_in_s)s::float8[], %(refund)s::boolean[]
+    ) AS o(id, token, state, result, error, retry_in_s, refund)
+),
+resolved AS (
+    -- 'retry' becomes scheduled or available depending on the delay.
+    SELECT outcome.*,
+           (CASE WHEN state <> 'retry' THEN state
+                 WHEN retry_in_s > 0 THEN 'scheduled'
+                 ELSE 'available' END)::conveyor.job_state AS next_state
+    FROM outcome
+)
+UPDATE conveyor.jobs AS j
+SET state = r.next_state,
+    result = coalesce(r.result::jsonb, j.result),
+    errors = CASE WHEN r.error IS NULL THEN j.errors
+                  ELSE j.errors || jsonb_build_array(
+                      jsonb_build_object('at', conveyor.now()) || r.error::jsonb)
+             END,
+    attempt = CASE WHEN r.refund THEN j.attempt - 1 ELSE j.attempt END,
+    run_at = CASE WHEN r.state = 'retry'
+                  THEN conveyor.now() + make_interval(secs => r.retry_in_s)
+                  ELSE j.run_at END,
+    finished_at = CASE WHEN r.next_state IN ('succeeded', 'failed', 'cancelled')
+                       THEN conveyor.now() END,
+    lease_token = NULL,
+    lease_expires_at = NULL
+FROM resolved AS r
+WHERE j.id = r.id
+  AND j.lease_token = r.token
+  AND j.state = 'running'
+RETURNING j.id;
+
+-- name: lease_extend_many
+-- Heartbeat: push the lease expiry of this worker's running jobs whose token still matches.
+UPDATE conveyor.jobs AS j
+SET lease_expires_at = conveyor.now() + make_interval(secs => %(lease_s)s)
+FROM unnest(%(id)s::bigint[], %(token)s::bigint[]) AS l(id, token)
+WHERE j.id = l.id
+  AND j.lease_token = l.token
+  AND j.state = 'running'
+RETURNING j.id;
+
+-- name: job_get
+-- One job by id.
+SELECT * FROM conveyor.jobs WHERE id = %(id)s;
+
+-- name: job_get_many
+-- Several jobs by id.
+SELECT * FROM conveyor.jobs WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id;
+
+-- name: job_count_by_queue_state
+-- Counts per queue and state, for `conveyor status`.
+SELECT queue, state::text AS state, count(*) AS count
+FROM conveyor.jobs
+GROUP BY queue, state
+ORDER BY queue, state;
+
+-- name: job_list
+-- Recent jobs, newest first, optionally of one state.
+SELECT * FROM conveyor.jobs
+WHERE (%(state)s::text IS NULL OR state::text = %(state)s::text)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: job_count_due
+-- Jobs that are due and waiting, or running, in some queues (test drains, idle checks).
+SELECT count(*) AS count
+FROM conveyor.jobs
+WHERE queue = ANY(%(queues)s::text[])
+  AND (state = 'running' OR (state IN ('scheduled', 'available') AND run_at <= conveyor.now()));

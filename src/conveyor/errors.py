@@ -1,0 +1,89 @@
+"""The exceptions conveyor raises, in one hierarchy.
+
+```
+ConveyorError
+ +-- ConfigError            invalid configuration (named field)
+ +-- TaskNotFound           a task name no registered task answers to
+ +-- InvalidArguments       arguments that do not bind or are not JSON
+ +-- InvalidJobOptions      bad enqueue options (negative delay, bad priority...)
+ +-- PayloadTooLarge        encoded arguments over the configured limit
+ +-- QueueFull              a queue cap would be exceeded
+ +-- JobNotFound            a job id that does not exist
+ +-- WaitTimeout            `App.wait` gave up before the job finished
+ +-- SchemaVersionError     the database schema and this code disagree
+ +-- DatabaseError          PostgreSQL refused a statement (SQLSTATE kept)
+      +-- TransientDatabaseError   a failure worth retrying (already retried)
+```
+
+Every error raised for bad input is raised *before* anything is written.
+"""
+
+from __future__ import annotations
+
+
+class ConveyorError(Exception):
+    """Base class of every error conveyor raises on purpose."""
+
+
+class ConfigError(ConveyorError):
+    """Raised when a configuration value is invalid; the message names the field."""
+
+
+class TaskNotFound(ConveyorError):
+    """Raised when enqueueing or running a task name that is not registered."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        hint = f" (known tasks: {', '.join(sorted(known))})" if known else ""
+        super().__init__(f"unknown task {name!r}{hint}")
+        self.name = name
+
+
+class InvalidArguments(ConveyorError):
+    """Raised when task arguments do not fit the task's signature or are not JSON."""
+
+
+class InvalidJobOptions(ConveyorError):
+    """Raised for invalid enqueue options: negative delay, out-of-range priority, etc."""
+
+
+class PayloadTooLarge(ConveyorError):
+    """Raised when a job's encoded arguments exceed `Config.max_payload_bytes`."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"job payload is {size} bytes, over the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class QueueFull(ConveyorError):
+    """Raised when an enqueue would push a queue past its cap; nothing is written."""
+
+
+class JobNotFound(ConveyorError):
+    """Raised when a job id does not exist."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id} does not exist")
+        self.job_id = job_id
+
+
+class WaitTimeout(ConveyorError, TimeoutError):
+    """Raised by `App.wait` when the job is not finished within the timeout."""
+
+
+class SchemaVersionError(ConveyorError):
+    """Raised when the database schema is missing, newer, older or altered."""
+
+
+class DatabaseError(ConveyorError):
+    """Raised when PostgreSQL refuses a statement; `sqlstate` and `purpose` say what."""
+
+    def __init__(self, purpose: str, message: str, sqlstate: str | None = None) -> None:
+        code = f" [{sqlstate}]" if sqlstate else ""
+        super().__init__(f"{purpose} failed{code}: {message}")
+        self.purpose = purpose
+        self.sqlstate = sqlstate
+
+
+class TransientDatabaseError(DatabaseError):
+    """Raised when a transient failure persisted through every retry."""

@@ -1,0 +1,87 @@
+r"""Job records and the job state machine.
+
+```
+                 enqueue (delay)            enqueue
+                      |                        |
+                      v                        v
+                 [scheduled] --- run_at ---> [available] <-----------------+
+                      |   \                    |                          |
+               cancel |    +---- claim ----+   | claim (new lease token)  | retry with no delay,
+                      v                    v   v                          | shutdown return
+                [cancelled] <-- Cancel -- [running] --- retry / snooze ---+--> [scheduled]
+                                            |    \
+                                  success   |     \ failure at max attempts
+                                            v      v
+                                      [succeeded] [failed]
+```
+
+`succeeded`, `failed` and `cancelled` are terminal: nothing changes them again.
+A running job holds a lease (expiry + fencing token); only a write carrying the
+current token may move it on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class JobState(StrEnum):
+    """Where a job is in its life; compares equal to its string value."""
+
+    SCHEDULED = "scheduled"
+    AVAILABLE = "available"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for the states a job never leaves."""
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """A snapshot of one job row."""
+
+    id: int
+    queue: str
+    task: str
+    args: dict[str, Any]
+    state: JobState
+    priority: int
+    attempt: int
+    max_attempts: int
+    run_at: datetime
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    lease_token: int | None = None
+    lease_expires_at: datetime | None = None
+    worker_id: str | None = None
+    timeout_ms: int | None = None
+    result: Any = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Job:
+        """Build a Job from a `SELECT * FROM jobs` row as a dict."""
+        known = {k: v for k, v in row.items() if k in _FIELDS}
+        known["state"] = JobState(known["state"])
+        return cls(**known)
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the job reached a terminal state."""
+        return self.state.is_terminal
+
+
+_FIELDS = frozenset(Job.__dataclass_fields__)

@@ -1,0 +1,242 @@
+"""Tasks: registered functions, their options, and what an enqueue asks for.
+
+```python
+@app.task(queue="emails", max_attempts=5, timeout=timedelta(seconds=30))
+async def send(ctx, to: str) -> None: ...
+
+await send.enqueue(to="a@example.com")
+await send.configure(delay=timedelta(minutes=5), priority=10).enqueue(to="b@example.com")
+send.enqueue_sync(to="c@example.com")            # from sync code
+```
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from conveyor.errors import ConfigError, InvalidArguments, InvalidJobOptions, PayloadTooLarge
+from conveyor.retry import DEFAULT_RETRY, RetryPolicy
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from conveyor.app import App
+    from conveyor.jobs import Job
+
+PRIORITY_MIN = -100
+PRIORITY_MAX = 100
+DEFAULT_MAX_ATTEMPTS = 5
+"""Five attempts ride out a minute-long outage with the default backoff."""
+DEFAULT_QUEUE = "default"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskOptions:
+    """Defaults a task gives each of its jobs; most can be overridden per enqueue."""
+
+    queue: str = DEFAULT_QUEUE
+    """Queue its jobs go to."""
+    priority: int = 0
+    """Higher runs first, within [-100, 100]."""
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    """Attempts before the job ends `failed` (1 = never retried)."""
+    retry: RetryPolicy = DEFAULT_RETRY
+    """Delay before the next attempt after a failure."""
+    timeout: timedelta | None = None
+    """Longest one attempt may run; None = no limit."""
+
+    def __post_init__(self) -> None:
+        try:
+            _check_options(self.queue, self.priority, self.max_attempts, self.timeout)
+        except InvalidJobOptions as exc:
+            raise ConfigError(f"task option: {exc}") from exc
+
+
+def _check_options(queue: str, priority: int, max_attempts: int, timeout: timedelta | None) -> None:
+    if not isinstance(queue, str) or not queue:
+        raise InvalidJobOptions("queue must be a non-empty string")
+    if not isinstance(priority, int) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise InvalidJobOptions(
+            f"priority must be an integer within [{PRIORITY_MIN}, {PRIORITY_MAX}], got {priority!r}"
+        )
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise InvalidJobOptions(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
+    if timeout is not None and timeout <= timedelta(0):
+        raise InvalidJobOptions(f"timeout must be positive, got {timeout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """One job to enqueue: a task name, its arguments and per-job options."""
+
+    task: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    delay: timedelta | None = None
+    run_at: datetime | None = None
+    timeout: timedelta | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def encode(self, max_payload_bytes: int) -> EncodedJob:
+        """Validate and JSON-encode; raises a typed error for any bad value."""
+        _check_options(self.queue, self.priority, self.max_attempts, self.timeout)
+        if self.delay is not None and self.run_at is not None:
+            raise InvalidJobOptions("give delay or run_at, not both")
+        if self.delay is not None and self.delay < timedelta(0):
+            raise InvalidJobOptions(f"delay must not be negative, got {self.delay}")
+        if self.run_at is not None and self.run_at.tzinfo is None:
+            raise InvalidJobOptions("run_at must be timezone-aware")
+        args = _to_json(self.args, f"arguments of task {self.task!r}")
+        meta = _to_json(self.meta, "meta")
+        size = len(args.encode())
+        if size > max_payload_bytes:
+            raise PayloadTooLarge(size, max_payload_bytes)
+        return EncodedJob(
+            queue=self.queue,
+            task=self.task,
+            args=args,
+            priority=self.priority,
+            max_attempts=self.max_attempts,
+            run_at=self.run_at,
+            delay_s=(self.delay or timedelta(0)).total_seconds(),
+            timeout_ms=None if self.timeout is None else int(self.timeout.total_seconds() * 1000),
+            meta=meta,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodedJob:
+    """A validated JobSpec, as the insert statement takes it."""
+
+    queue: str
+    task: str
+    args: str
+    priority: int
+    max_attempts: int
+    run_at: datetime | None
+    delay_s: float
+    timeout_ms: int | None
+    meta: str
+
+
+def _to_json(value: Mapping[str, Any], what: str) -> str:
+    if not isinstance(value, Mapping):
+        raise InvalidArguments(f"{what} must be a mapping, got {type(value).__name__}")
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArguments(f"{what} are not JSON-serialisable: {exc}") from exc
+
+
+TaskFunction = Callable[..., Any]
+
+
+class Task:
+    """A registered task function. Call `enqueue` to run it in a worker."""
+
+    def __init__(self, app: App, func: TaskFunction, name: str, options: TaskOptions) -> None:
+        self.app = app
+        self.func = func
+        self.name = name
+        self.options = options
+        self.is_async = inspect.iscoroutinefunction(func)
+        self._signature = _signature_without_context(func, name)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.options.queue}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the function directly, in this process (handy in unit tests)."""
+        return self.func(*args, **kwargs)
+
+    def check_arguments(self, args: Mapping[str, Any]) -> None:
+        """Raise `InvalidArguments` unless `args` bind to the function's parameters."""
+        try:
+            self._signature.bind(**args)
+        except TypeError as exc:
+            raise InvalidArguments(f"task {self.name!r}: {exc}") from exc
+
+    def job(self, **args: Any) -> JobSpec:
+        """A `JobSpec` with this task's defaults, for `App.enqueue_many`."""
+        return self.configure().job(**args)
+
+    def configure(self, **options: Any) -> TaskCall:
+        """Per-enqueue options: queue, priority, max_attempts, delay, run_at, timeout,
+        meta, and `connection` to enqueue inside the caller's transaction."""
+        return TaskCall(self, **options)
+
+    async def enqueue(self, **args: Any) -> Job:
+        """Enqueue one job with these keyword arguments; returns the stored job."""
+        return await self.configure().enqueue(**args)
+
+    def enqueue_sync(self, **args: Any) -> Job:
+        """Sync twin of `enqueue`, for code without an event loop."""
+        return self.configure().enqueue_sync(**args)
+
+
+class TaskCall:
+    """A task with per-enqueue options, as returned by `Task.configure`."""
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        connection: psycopg.AsyncConnection[Any] | psycopg.Connection[Any] | None = None,
+        **options: Any,
+    ) -> None:
+        self.task = task
+        self.connection = connection
+        base = JobSpec(
+            task=task.name,
+            queue=task.options.queue,
+            priority=task.options.priority,
+            max_attempts=task.options.max_attempts,
+            timeout=task.options.timeout,
+        )
+        try:
+            self._template = replace(base, **options)
+        except TypeError as exc:
+            raise InvalidJobOptions(f"unknown enqueue option: {exc}") from exc
+
+    def job(self, **args: Any) -> JobSpec:
+        """A `JobSpec` with these options and arguments (arguments are checked)."""
+        self.task.check_arguments(args)
+        return replace(self._template, args=args)
+
+    async def enqueue(self, **args: Any) -> Job:
+        """Enqueue one job; inside `connection`'s transaction when one was given."""
+        import psycopg
+
+        conn = self.connection
+        if conn is not None and not isinstance(conn, psycopg.AsyncConnection):
+            raise InvalidJobOptions("enqueue() needs an async connection; use enqueue_sync()")
+        (job,) = await self.task.app.enqueue_many([self.job(**args)], connection=conn)
+        return job
+
+    def enqueue_sync(self, **args: Any) -> Job:
+        """Sync twin of `enqueue`."""
+        import psycopg
+
+        conn = self.connection
+        if conn is not None and not isinstance(conn, psycopg.Connection):
+            raise InvalidJobOptions("enqueue_sync() needs a sync connection; use enqueue()")
+        (job,) = self.task.app.enqueue_many_sync([self.job(**args)], connection=conn)
+        return job
+
+
+def _signature_without_context(func: TaskFunction, name: str) -> inspect.Signature:
+    signature = inspect.signature(func)
+    params = list(signature.parameters.values())
+    if not params or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise ConfigError(f"task {name!r} must take the job context as its first parameter")
+    return signature.replace(parameters=params[1:])

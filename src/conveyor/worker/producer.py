@@ -1,0 +1,115 @@
+"""The producer: claims jobs when slots are free, woken by NOTIFY or a poll timer.
+
+It claims at most as many jobs as there are free slots, in one statement, so
+a worker never holds a job it cannot start. A claim that returns fewer jobs
+than asked means the queue is drained for now: the producer then sleeps until
+a notification, a catch-up request or the poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+from conveyor.config import WorkerConfig
+from conveyor.db.database import Database, retry_delay
+from conveyor.errors import DatabaseError
+from conveyor.jobs import Job
+
+log = logging.getLogger("conveyor.worker")
+
+
+class Producer:
+    """Claims jobs for one worker and hands them to `start_job`."""
+
+    def __init__(
+        self,
+        db: Database,
+        config: WorkerConfig,
+        worker_id: str,
+        free_slots: Callable[[], int],
+        start_job: Callable[[Job], None],
+    ) -> None:
+        self._db = db
+        self._config = config
+        self._worker_id = worker_id
+        self._free_slots = free_slots
+        self._start_job = start_job
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.claims = 0
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The claiming task, for the worker to supervise."""
+        return self._task
+
+    def wake(self) -> None:
+        """Something may be waiting: claim at the next chance."""
+        self._wake.set()
+
+    def slot_freed(self) -> None:
+        """A running job finished: a slot is free."""
+        self._slot_freed.set()
+
+    def start(self) -> None:
+        """Start claiming in the background."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="conveyor-producer")
+
+    async def stop(self) -> None:
+        """Stop claiming; an in-flight claim completes and its jobs start. Idempotent."""
+        self._stopping = True
+        self._wake.set()
+        self._slot_freed.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        queue_may_have_jobs = True
+        failures = 0
+        poll = self._config.poll_interval.total_seconds()
+        while not self._stopping:
+            free = self._free_slots()
+            if free <= 0:
+                await self._slot_freed.wait()
+                self._slot_freed.clear()
+                continue
+            if not queue_may_have_jobs:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), poll)
+                if self._stopping:
+                    return
+            self._wake.clear()
+            try:
+                jobs = await self._claim(free)
+            except DatabaseError as exc:
+                delay = retry_delay(min(failures, 6))
+                failures += 1
+                log.warning("claim failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for job in jobs:
+                self._start_job(job)
+            queue_may_have_jobs = len(jobs) == free
+
+    async def _claim(self, limit: int) -> Sequence[Job]:
+        rows = await self._db.fetch(
+            "claim jobs",
+            "job_claim_many",
+            {
+                "queues": list(self._config.queues),
+                "limit": limit,
+                "worker_id": self._worker_id,
+                "lease_s": self._config.lease_duration.total_seconds(),
+            },
+        )
+        self.claims += 1
+        jobs = [Job.from_row(r) for r in rows]
+        jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
+        return jobs
