@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -38,7 +39,10 @@ def embedded_database_url(data_dir: Path | None = None) -> str:
         if path in _urls:
             return _urls[path]
         try:
-            import pgserver
+            with warnings.catch_warnings():
+                # pgserver asks platformdirs for a runtime dir at import; the fallback is fine.
+                warnings.simplefilter("ignore")
+                import pgserver
         except ImportError as exc:
             raise ConfigError(
                 "no database URL configured (CONVEYOR_DATABASE_URL is unset) and the embedded "

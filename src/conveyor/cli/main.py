@@ -1,0 +1,197 @@
+"""The `conveyor` command line: thin commands over the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from datetime import timedelta
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from conveyor.app import App
+from conveyor.cli.loader import load_app
+from conveyor.config import Config, WorkerConfig
+from conveyor.errors import ConveyorError
+from conveyor.jobs import JobState
+from conveyor.worker.worker import Worker
+
+cli = typer.Typer(
+    name="conveyor",
+    help="conveyor: a PostgreSQL-native durable job queue.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option("--database-url", envvar="CONVEYOR_DATABASE_URL", help="PostgreSQL URL."),
+]
+Schema = Annotated[
+    str | None, typer.Option("--schema", envvar="CONVEYOR_SCHEMA", help="Schema name.")
+]
+STATE_ORDER = [s.value for s in JobState]
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code=2)
+
+
+def _run(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        return asyncio.run(factory())
+    except ConveyorError as exc:
+        raise _fail(exc) from None
+
+
+def _app_from_options(database_url: str | None, schema: str | None) -> App:
+    try:
+        return App(config=Config.from_env(database_url=database_url, schema=schema))
+    except ConveyorError as exc:
+        raise _fail(exc) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
+    )
+
+
+@cli.command()
+def migrate(database_url: DatabaseUrl = None, schema: Schema = None) -> None:
+    """Create or upgrade conveyor's schema (safe to run concurrently)."""
+    app = _app_from_options(database_url, schema)
+    try:
+        applied = app.migrate_sync()
+    except ConveyorError as exc:
+        raise _fail(exc) from None
+    if applied:
+        console.print(f"applied migrations {', '.join(map(str, applied))} to {app.config.schema}")
+    else:
+        console.print(f"schema {app.config.schema} is up to date")
+
+
+@cli.command()
+def worker(
+    app_path: Annotated[str, typer.Argument(help="The App to run, as 'package.module:app'.")],
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to work.")] = "default",
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs run at once.")] = 10,
+    poll_interval: Annotated[float, typer.Option(help="Fallback poll, seconds.")] = 1.0,
+    shutdown_grace: Annotated[float, typer.Option(help="Grace on stop, seconds.")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+) -> None:
+    """Run a worker until SIGINT/SIGTERM, then shut down gracefully."""
+    _setup_logging(log_level)
+    try:
+        app = load_app(app_path)
+        config = WorkerConfig(
+            queues=tuple(q.strip() for q in queues.split(",") if q.strip()),
+            concurrency=concurrency,
+            poll_interval=timedelta(seconds=poll_interval),
+            shutdown_grace=timedelta(seconds=shutdown_grace),
+        )
+    except ConveyorError as exc:
+        raise _fail(exc) from None
+    _run(lambda: _work(app, config))
+
+
+async def _work(app: App, config: WorkerConfig) -> None:
+    runner = Worker(app, config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runner.request_stop)
+    try:
+        await runner.run()
+    finally:
+        await app.close()
+
+
+@cli.command()
+def enqueue(
+    app_path: Annotated[str, typer.Argument(help="The App, as 'package.module:app'.")],
+    task: Annotated[str, typer.Argument(help="Registered task name.")],
+    args: Annotated[str, typer.Option("--args", help="Arguments as a JSON object.")] = "{}",
+    queue: Annotated[str | None, typer.Option(help="Override the task's queue.")] = None,
+    priority: Annotated[int | None, typer.Option(help="Override the priority.")] = None,
+    delay: Annotated[float | None, typer.Option(help="Run after this many seconds.")] = None,
+) -> None:
+    """Enqueue one job and print it as JSON."""
+    try:
+        parsed = json.loads(args)
+    except json.JSONDecodeError as exc:
+        raise _fail(ValueError(f"--args is not valid JSON: {exc}")) from None
+    if not isinstance(parsed, dict):
+        raise _fail(ValueError("--args must be a JSON object"))
+    options: dict[str, Any] = {}
+    if queue is not None:
+        options["queue"] = queue
+    if priority is not None:
+        options["priority"] = priority
+    if delay is not None:
+        options["delay"] = timedelta(seconds=delay)
+    try:
+        app = load_app(app_path)
+    except ConveyorError as exc:
+        raise _fail(exc) from None
+    try:
+        job = app.enqueue_sync(task, parsed, **options)
+    except ConveyorError as exc:
+        raise _fail(exc) from None
+    finally:
+        app.db.close_sync()
+    console.print_json(
+        json.dumps({"id": job.id, "task": job.task, "queue": job.queue, "state": job.state})
+    )
+
+
+@cli.command()
+def status(database_url: DatabaseUrl = None, schema: Schema = None) -> None:
+    """Show job counts per queue and state."""
+    app = _app_from_options(database_url, schema)
+    try:
+        counts = app.counts_sync()
+    except ConveyorError as exc:
+        raise _fail(exc) from None
+    finally:
+        app.db.close_sync()
+    table = Table(title=f"conveyor jobs ({app.config.schema})")
+    table.add_column("queue")
+    for state in STATE_ORDER:
+        table.add_column(state, justify="right")
+    for queue_name, by_state in sorted(counts.items()):
+        table.add_row(queue_name, *(str(by_state.get(s, 0)) for s in STATE_ORDER))
+    if not counts:
+        table.add_row("(no jobs)", *("0" for _ in STATE_ORDER))
+    console.print(table)
+
+
+@cli.command()
+def demo(
+    jobs: Annotated[int, typer.Option(min=10, help="How many jobs to enqueue.")] = 400,
+    workers: Annotated[int, typer.Option(min=1, max=8, help="Worker processes.")] = 2,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Enqueue a sample workload, run worker processes, and summarise (under a minute)."""
+    from conveyor.demo.runner import run_demo
+
+    try:
+        run_demo(console, jobs=jobs, workers=workers, database_url=database_url)
+    except ConveyorError as exc:
+        raise _fail(exc) from None
+
+
+def main() -> None:
+    """Entry point of the `conveyor` script."""
+    cli()
