@@ -27,3 +27,7 @@ test: lint typecheck
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py --jobs 10000 --concurrency 10
+	$(BIN)/python benchmarks/throughput.py --jobs 10000 --concurrency 50

@@ -195,7 +195,11 @@ class App:
         for start in range(0, len(jobs), INSERT_CHUNK):
             chunk = jobs[start : start + INSERT_CHUNK]
             rows += await self.db.fetch(
-                "enqueue jobs", "job_insert_many", _insert_params(chunk), conn=conn
+                "enqueue jobs",
+                "job_insert_many",
+                _insert_params(chunk),
+                conn=conn,
+                idempotent=False,
             )
         return _in_id_order(rows)
 
@@ -206,7 +210,11 @@ class App:
         for start in range(0, len(jobs), INSERT_CHUNK):
             chunk = jobs[start : start + INSERT_CHUNK]
             rows += self.db.fetch_sync(
-                "enqueue jobs", "job_insert_many", _insert_params(chunk), conn=conn
+                "enqueue jobs",
+                "job_insert_many",
+                _insert_params(chunk),
+                conn=conn,
+                idempotent=False,
             )
         return _in_id_order(rows)
 

@@ -1,6 +1,7 @@
 """Configuration: frozen dataclasses, validated once, the bad field named in the error.
 
-Only `Config.from_env` and the CLI read environment variables.
+Environment variables are read at the edge only: `Config.from_env`, the CLI,
+and the fallbacks used when no URL is configured (`db/connect.py`, `embedded.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from conveyor.errors import ConfigError
 # PostgreSQL folds unquoted identifiers to lower case and truncates them at 63
 # bytes; accepting only this shape means a schema name never needs quoting
 # surprises and can never smuggle SQL.
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# 50 leaves room for the `<schema>.jobs` NOTIFY channel within PostgreSQL's
+# 63-byte identifier limit.
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,49}$")
 
 ENV_DATABASE_URL = "CONVEYOR_DATABASE_URL"
 ENV_SCHEMA = "CONVEYOR_SCHEMA"
@@ -41,9 +44,12 @@ class Config:
     """How long to wait for a new connection before failing."""
     statement_retries: int = 5
     """How many times a transient database failure is retried before it is raised."""
+    prepare_threshold: int | None = 5
+    """Executions before psycopg prepares a statement server-side; None disables
+    (for PgBouncer < 1.21 in transaction mode)."""
 
     def __post_init__(self) -> None:
-        if not _SCHEMA_NAME.match(self.schema):
+        if not isinstance(self.schema, str) or not _SCHEMA_NAME.fullmatch(self.schema):
             raise ConfigError(
                 f"Config.schema {self.schema!r} must match {_SCHEMA_NAME.pattern} "
                 "(lower-case letters, digits and underscores)"

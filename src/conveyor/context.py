@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from conveyor.jobs import Job
 
@@ -13,20 +12,25 @@ if TYPE_CHECKING:
     from conveyor.app import App
 
 
+StopReason = Literal["shutdown", "timeout", "cancel", "lease_lost"]
+
+
 @dataclass(kw_only=True)
 class JobContext:
     """The job being run, its app, and the signal that asks it to stop.
 
-    `cancelled` turns true when the worker is shutting down past its grace
-    period or the attempt timed out; long sync tasks should check it.
+    `cancelled` turns true when the worker wants this attempt to end: it is
+    shutting down past its grace period, the attempt timed out, the job was
+    cancelled, or the lease was lost. Async tasks also get `CancelledError`;
+    sync tasks cannot be interrupted, so long ones should check `cancelled`.
     """
 
     app: App
     job: Job
     worker_id: str
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("conveyor.task"))
-    _stop: asyncio.Event | None = None
-    _stop_flag: list[bool] = field(default_factory=lambda: [False])
+    stop_reason: StopReason | None = None
+    """Why the worker asked the attempt to stop; None while it may run on."""
 
     @property
     def attempt(self) -> int:
@@ -35,11 +39,10 @@ class JobContext:
 
     @property
     def cancelled(self) -> bool:
-        """True once the worker asked this attempt to stop."""
-        return self._stop_flag[0]
+        """True once the worker asked this attempt to stop (safe to read from a thread)."""
+        return self.stop_reason is not None
 
-    def request_stop(self) -> None:
-        """Ask the task to stop (thread-safe read via `cancelled`)."""
-        self._stop_flag[0] = True
-        if self._stop is not None:
-            self._stop.set()
+    def request_stop(self, reason: StopReason) -> None:
+        """Record why the attempt must stop; the first reason wins."""
+        if self.stop_reason is None:
+            self.stop_reason = reason

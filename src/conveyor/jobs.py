@@ -1,23 +1,28 @@
 r"""Job records and the job state machine.
 
 ```
-                 enqueue (delay)            enqueue
-                      |                        |
-                      v                        v
-                 [scheduled] --- run_at ---> [available] <-----------------+
-                      |   \                    |                          |
-               cancel |    +---- claim ----+   | claim (new lease token)  | retry with no delay,
-                      v                    v   v                          | shutdown return
-                [cancelled] <-- Cancel -- [running] --- retry / snooze ---+--> [scheduled]
-                                            |    \
-                                  success   |     \ failure at max attempts
-                                            v      v
-                                      [succeeded] [failed]
+   enqueue with a delay            enqueue
+          |                           |
+          v                           v
+    [scheduled] ---------------> [available] <---------------------------+
+          |      (claimable once      |                                  |
+          |       run_at is due)      | claim: attempt + 1, new lease    | retry with no delay,
+          +-------------+-------------+  token (job_claim_many)          | shutdown return
+                        v                                                |
+                    [running] --- retry / snooze with a delay --> [scheduled]
+                    /   |   \
+          success  /    |    \  failure at max attempts
+                  v     |     v
+         [succeeded]    |   [failed]
+                        v
+                  [cancelled]  (the task raised Cancel)
 ```
 
+A due `scheduled` job is claimed directly (no promotion step): the claim
+index orders by priority, run time and id whatever the waiting state.
 `succeeded`, `failed` and `cancelled` are terminal: nothing changes them again.
 A running job holds a lease (expiry + fencing token); only a write carrying the
-current token may move it on.
+current token may move it on (job_finish_many, lease_extend_many).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ is the default. Pure module: no I/O.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -55,11 +56,17 @@ class ExponentialBackoff:
     def __call__(self, attempt: int) -> timedelta:
         """Delay after `attempt` (1-based) failed."""
         exponent = max(attempt - 1, 0)
-        # Cap the exponent first: factor ** 1000 overflows a float.
-        raw = self.base.total_seconds() * min(self.factor ** min(exponent, 64), 1e12)
-        capped = min(raw, self.max_delay.total_seconds())
-        spread = capped * self.jitter * (2 * self._random.random() - 1)
-        return timedelta(seconds=max(capped + spread, 0.0))
+        ceiling = self.max_delay.total_seconds()
+        base = self.base.total_seconds()
+        # Compare in log space: factor ** exponent overflows a float long before
+        # the cap would apply (factor 1e6, attempt 60).
+        if base == 0 or exponent * math.log(self.factor) >= math.log(ceiling / base):
+            raw = ceiling if base else 0.0
+        else:
+            raw = base * self.factor**exponent
+        spread = raw * self.jitter * (2 * self._random.random() - 1)
+        # Jitter spreads retries but never past the documented bound.
+        return timedelta(seconds=min(max(raw + spread, 0.0), ceiling))
 
 
 @dataclass(frozen=True)

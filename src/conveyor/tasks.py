@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -33,6 +34,10 @@ PRIORITY_MAX = 100
 DEFAULT_MAX_ATTEMPTS = 5
 """Five attempts ride out a minute-long outage with the default backoff."""
 DEFAULT_QUEUE = "default"
+MAX_ATTEMPTS_LIMIT = 1_000_000
+TIMEOUT_MIN = timedelta(milliseconds=1)
+TIMEOUT_MAX = timedelta(milliseconds=2**31 - 1)
+"""The jobs.timeout_ms column is a 32-bit integer of milliseconds (about 24.8 days)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,16 +63,26 @@ class TaskOptions:
 
 
 def _check_options(queue: str, priority: int, max_attempts: int, timeout: timedelta | None) -> None:
-    if not isinstance(queue, str) or not queue:
+    if not isinstance(queue, str) or not queue or "\x00" in queue:
         raise InvalidJobOptions("queue must be a non-empty string")
-    if not isinstance(priority, int) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+    if not _is_int(priority) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         raise InvalidJobOptions(
             f"priority must be an integer within [{PRIORITY_MIN}, {PRIORITY_MAX}], got {priority!r}"
         )
-    if not isinstance(max_attempts, int) or max_attempts < 1:
-        raise InvalidJobOptions(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
-    if timeout is not None and timeout <= timedelta(0):
-        raise InvalidJobOptions(f"timeout must be positive, got {timeout}")
+    if not _is_int(max_attempts) or not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
+        raise InvalidJobOptions(
+            f"max_attempts must be an integer within [1, {MAX_ATTEMPTS_LIMIT}], "
+            f"got {max_attempts!r}"
+        )
+    if timeout is not None and not TIMEOUT_MIN <= timeout <= TIMEOUT_MAX:
+        raise InvalidJobOptions(
+            f"timeout must be within [{TIMEOUT_MIN}, {TIMEOUT_MAX}], got {timeout}"
+        )
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; priority=True is a bug, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,9 +121,14 @@ class JobSpec:
             max_attempts=self.max_attempts,
             run_at=self.run_at,
             delay_s=(self.delay or timedelta(0)).total_seconds(),
-            timeout_ms=None if self.timeout is None else int(self.timeout.total_seconds() * 1000),
+            timeout_ms=None if self.timeout is None else _milliseconds(self.timeout),
             meta=meta,
         )
+
+
+def _milliseconds(duration: timedelta) -> int:
+    # Round up: a 0.4 ms timeout must not become "no time at all".
+    return math.ceil(duration / timedelta(milliseconds=1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,9 +150,22 @@ def _to_json(value: Mapping[str, Any], what: str) -> str:
     if not isinstance(value, Mapping):
         raise InvalidArguments(f"{what} must be a mapping, got {type(value).__name__}")
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidArguments(f"{what} are not JSON-serialisable: {exc}") from exc
+    if "\\u0000" in encoded and _has_nul(value):
+        raise InvalidArguments(f"{what} contain a NUL character, which PostgreSQL cannot store")
+    return encoded
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 TaskFunction = Callable[..., Any]
@@ -200,6 +233,8 @@ class TaskCall:
             max_attempts=task.options.max_attempts,
             timeout=task.options.timeout,
         )
+        if "task" in options or "args" in options:
+            raise InvalidJobOptions("configure() takes job options; pass arguments to enqueue()")
         try:
             self._template = replace(base, **options)
         except TypeError as exc:

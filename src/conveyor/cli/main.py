@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import sys
+import threading
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import Annotated, Any, TypeVar
@@ -105,6 +108,25 @@ def worker(
     except ConveyorError as exc:
         raise _fail(exc) from None
     _run(lambda: _work(app, config))
+    _exit_despite_stuck_threads()
+
+
+def _exit_despite_stuck_threads() -> None:
+    """Exit now if a sync task ignored `ctx.cancelled` and still holds a thread.
+
+    Its job was already handed back (or will be rescued), and Python would
+    otherwise wait for the thread at interpreter exit, keeping a stopped worker
+    alive for as long as the task runs.
+    """
+    pool_threads = [t for t in threading.enumerate() if t.name.startswith("conveyor-task")]
+    for thread in pool_threads:
+        thread.join(timeout=0.2)  # idle pool threads exit on their own at once
+    stuck = [t for t in pool_threads if t.is_alive()]
+    if stuck:
+        err_console.print(f"worker stopped; abandoning {len(stuck)} sync task thread(s)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 async def _work(app: App, config: WorkerConfig) -> None:

@@ -28,7 +28,7 @@ def resolve_database_url(config: Config) -> str:
 
 
 def connection_kwargs(config: Config, *, application_name: str = "conveyor") -> dict[str, Any]:
-    """libpq keyword arguments added to every connection conveyor opens."""
+    """Keyword arguments for every connection conveyor opens (libpq options and psycopg's)."""
     return {
         "application_name": application_name,
         "connect_timeout": max(int(config.connect_timeout.total_seconds()), 1),
@@ -37,4 +37,5 @@ def connection_kwargs(config: Config, *, application_name: str = "conveyor") -> 
         "keepalives_interval": KEEPALIVE_INTERVAL_S,
         "keepalives_count": KEEPALIVE_COUNT,
         "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+        "prepare_threshold": config.prepare_threshold,
     }

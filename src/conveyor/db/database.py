@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from conveyor.config import Config
 from conveyor.db.connect import connection_kwargs, resolve_database_url
 from conveyor.db.queries import Queries
-from conveyor.db.sqlstate import is_transient, to_database_error
+from conveyor.db.sqlstate import is_transient, surely_not_applied, to_database_error
 
 log = logging.getLogger("conveyor.db")
 
@@ -34,6 +34,14 @@ T = TypeVar("T")
 
 RETRY_BASE_DELAY_S = 0.05
 RETRY_MAX_DELAY_S = 2.0
+
+
+class OutcomeUnknown(Exception):
+    """A non-idempotent statement failed in a way that may have applied it."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def retry_delay(attempt: int) -> float:
@@ -103,8 +111,15 @@ class Database:
         params: Params | None = None,
         *,
         conn: psycopg.AsyncConnection[Any] | None = None,
+        idempotent: bool = True,
     ) -> list[Row]:
-        """Run the named `query` and return its rows as dicts."""
+        """Run the named `query` and return its rows as dicts.
+
+        A statement that is not `idempotent` (an insert) is retried only when it
+        surely did not apply: the connection could not be had, or the server
+        reported an error. A connection lost mid-statement leaves its outcome
+        unknown, so that failure is raised instead of risking a duplicate.
+        """
         statement = self.queries[query]
         if conn is not None:
             try:
@@ -117,8 +132,13 @@ class Database:
         async def attempt() -> list[Row]:
             pool = await self.pool()
             async with pool.connection() as own:
-                cur = await own.execute(statement, params)
-                return await cur.fetchall() if cur.description else []
+                try:
+                    cur = await own.execute(statement, params)
+                    return await cur.fetchall() if cur.description else []
+                except Exception as exc:
+                    if not idempotent and not surely_not_applied(exc):
+                        raise OutcomeUnknown(exc) from exc
+                    raise
 
         return await self.retrying(purpose, attempt)
 
@@ -129,8 +149,9 @@ class Database:
             try:
                 return await operation()
             except Exception as exc:
-                if not is_transient(exc) or attempt == retries:
-                    raise to_database_error(purpose, exc, exhausted=True) from exc
+                cause = exc.cause if isinstance(exc, OutcomeUnknown) else exc
+                if isinstance(exc, OutcomeUnknown) or not is_transient(exc) or attempt == retries:
+                    raise to_database_error(purpose, cause, exhausted=True) from cause
                 delay = retry_delay(attempt)
                 log.warning("%s: transient failure (%s), retry in %.2fs", purpose, exc, delay)
                 await asyncio.sleep(delay)
@@ -163,6 +184,7 @@ class Database:
         params: Params | None = None,
         *,
         conn: psycopg.Connection[Any] | None = None,
+        idempotent: bool = True,
     ) -> list[Row]:
         """Sync twin of `fetch`."""
         statement = self.queries[query]
@@ -175,12 +197,15 @@ class Database:
                 raise to_database_error(purpose, exc, exhausted=False) from exc
         retries = self.config.statement_retries
         for attempt in range(retries + 1):
+            sent = False
             try:
                 with self.sync_pool().connection() as own:
+                    sent = True
                     cur = own.execute(statement, params)
                     return cur.fetchall() if cur.description else []
             except Exception as exc:
-                if not is_transient(exc) or attempt == retries:
+                unknown = sent and not idempotent and not surely_not_applied(exc)
+                if unknown or not is_transient(exc) or attempt == retries:
                     raise to_database_error(purpose, exc, exhausted=True) from exc
                 time.sleep(retry_delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover

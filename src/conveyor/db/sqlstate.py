@@ -31,7 +31,8 @@ _TRANSIENT_CODES = frozenset(
         "40003",  # statement_completion_unknown
         "55P03",  # lock_not_available (lock_timeout, NOWAIT)
         "55006",  # object_in_use
-        "25P04",  # idle_in_transaction_session_timeout (PG 14+ transaction_timeout)
+        "25P03",  # idle_in_transaction_session_timeout: the session was ended
+        "25P04",  # transaction_timeout (PostgreSQL 17)
         "XX000",  # internal_error: seen on failovers mid-statement
     }
 )
@@ -63,6 +64,17 @@ def is_transient(exc: BaseException) -> bool:
     if code in _PERMANENT_CODES:
         return False
     return code in _TRANSIENT_CODES or code[:2] in _TRANSIENT_CLASSES
+
+
+def surely_not_applied(exc: BaseException) -> bool:
+    """Whether a failed autocommit statement certainly changed nothing.
+
+    The server reporting an error (any SQLSTATE but 40003, "completion
+    unknown") means the statement's transaction rolled back. A lost connection
+    says nothing about whether the commit happened.
+    """
+    code = sqlstate_of(exc)
+    return code is not None and code != "40003"
 
 
 def to_database_error(purpose: str, exc: BaseException, *, exhausted: bool) -> DatabaseError:

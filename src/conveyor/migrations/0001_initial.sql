@@ -64,7 +64,7 @@ CREATE INDEX jobs_claim_idx ON conveyor.jobs (queue, priority DESC, run_at, id)
 -- Lease expiry scans (rescue) touch running jobs only.
 CREATE INDEX jobs_lease_idx ON conveyor.jobs (lease_expires_at) WHERE state = 'running';
 
--- Status and retention queries by state and age.
+-- Counts per state and queue (`conveyor status`), retention by state.
 CREATE INDEX jobs_state_idx ON conveyor.jobs (state, queue);
 
 -- Wake listening workers once per statement and queue, not once per row, so a

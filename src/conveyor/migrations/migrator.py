@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 
 from conveyor.db.queries import schema_qualify
+from conveyor.db.sqlstate import to_database_error
 from conveyor.errors import SchemaVersionError
 
 _FILE_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -81,45 +82,70 @@ def applied_versions(conn: psycopg.Connection[Any], schema: str) -> dict[int, st
 
 
 def migrate(conninfo: str, schema: str, *, target: int | None = None) -> list[int]:
-    """Apply pending migrations up to `target` (default: all); return the versions applied."""
+    """Apply pending migrations up to `target` (default: all); return the versions applied.
+
+    Raises `SchemaVersionError` for an unknown or altered schema and
+    `DatabaseError` when PostgreSQL refuses a migration (it is rolled back whole).
+    """
+    try:
+        return _migrate(conninfo, schema, target)
+    except psycopg.Error as exc:
+        raise to_database_error(f"migrate schema {schema!r}", exc, exhausted=False) from exc
+
+
+def _migrate(conninfo: str, schema: str, target: int | None) -> list[int]:
     wanted = [m for m in available_migrations() if target is None or m.version <= target]
     applied_now: list[int] = []
-    with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
-        # Transaction-scoped lock: released by commit, rollback or a dropped connection.
-        conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-            (_LOCK_NAMESPACE + schema,),
-        )
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(_schema(schema)))
+    lock_key = _LOCK_NAMESPACE + schema
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        # Session lock held across the per-migration transactions; a dropped
+        # connection releases it, so a crashed migrator never blocks the next.
+        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (lock_key,))
+        try:
+            with conn.transaction():
+                _ensure_bookkeeping(conn, schema)
+            applied = applied_versions(conn, schema)
+            _check_known(applied, schema)
+            for migration in wanted:
+                if migration.version not in applied:
+                    _apply(conn, schema, migration)
+                    applied_now.append(migration.version)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (lock_key,))
+    return applied_now
+
+
+def _ensure_bookkeeping(conn: psycopg.Connection[Any], schema: str) -> None:
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(_schema(schema)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " checksum text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        ).format(_schema(schema))
+    )
+
+
+def _apply(conn: psycopg.Connection[Any], schema: str, migration: Migration) -> None:
+    """One migration and its bookkeeping row, in one transaction: all or nothing."""
+    with conn.transaction():
+        conn.execute(sql.SQL(schema_qualify(migration.text, schema)))
         conn.execute(
             sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " checksum text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            ).format(_schema(schema))
+                "INSERT INTO {}.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
+            ).format(_schema(schema)),
+            (migration.version, migration.name, migration.checksum),
         )
-        applied = applied_versions(conn, schema)
-        _check_known(applied, schema)
-        for migration in wanted:
-            if migration.version in applied:
-                continue
-            body = schema_qualify(migration.text, schema)
-            conn.execute(sql.SQL(body))
-            conn.execute(
-                sql.SQL(
-                    "INSERT INTO {}.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
-                ).format(_schema(schema)),
-                (migration.version, migration.name, migration.checksum),
-            )
-            applied_now.append(migration.version)
-    return applied_now
 
 
 def check_schema(conninfo: str, schema: str) -> int:
     """Raise `SchemaVersionError` unless `schema` is exactly at this code's version."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        applied = applied_versions(conn, schema)
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            applied = applied_versions(conn, schema)
+    except psycopg.Error as exc:
+        raise to_database_error(f"check schema {schema!r}", exc, exhausted=False) from exc
     _check_known(applied, schema)
     current = max(applied, default=0)
     if current < latest_version():

@@ -1,8 +1,9 @@
 """A batch buffer: collect items, write them in one call at a size or an interval.
 
 Serves the completer. A failed write puts the batch back (in order, ahead of
-newer items) and is retried after a pause, so results are never dropped;
-`stop` drains what is left.
+newer items) and is retried after a pause; `stop` drains what is left. Only a
+database unreachable for DRAIN_DEADLINE_S at shutdown makes it give up: those
+jobs stay `running` and their leases expire, so they run again elsewhere.
 """
 
 from __future__ import annotations

@@ -48,9 +48,11 @@ async def execute(
     try:
         value = await _call(task, job, ctx, threads)
         return Outcome.succeeded(job.id, token, _encode_result(value))
-    except asyncio.CancelledError:
-        # Only the worker cancels an attempt, and only when it shuts down past its grace.
-        ctx.request_stop()
+    except asyncio.CancelledError as cancelled:
+        if ctx.stop_reason is None:
+            # Raised by the task's own code, not by the worker: a failure like any other.
+            return _failure(job, token, cancelled, task.options.retry)
+        # The worker is shutting down past its grace: give the job back, attempt refunded.
         return Outcome.retry(job.id, token, timedelta(0), None, refund=True)
     except Exception as exc:
         return _outcome_of(exc, job, token, task.options.retry)
@@ -81,7 +83,7 @@ async def _call(task: Task, job: Job, ctx: JobContext, threads: Executor) -> Any
     try:
         return await asyncio.wait_for(call, timeout)
     except TimeoutError as exc:
-        ctx.request_stop()
+        ctx.request_stop("timeout")
         raise AttemptTimeout(f"attempt {job.attempt} timed out after {timeout}s") from exc
 
 
@@ -111,3 +113,8 @@ def _failure(
         "job %s (%s) attempt %d failed (%r); retry in %s", job.id, job.task, job.attempt, exc, wait
     )
     return Outcome.retry(job.id, token, wait, error)
+
+
+def executor_failure(job: Job, token: int, exc: BaseException) -> Outcome:
+    """The outcome when conveyor itself failed around an attempt (a bug, not the task's)."""
+    return _failure(job, token, exc, DEFAULT_RETRY)

@@ -1,9 +1,9 @@
 """The producer: claims jobs when slots are free, woken by NOTIFY or a poll timer.
 
 It claims at most as many jobs as there are free slots, in one statement, so
-a worker never holds a job it cannot start. A claim that returns fewer jobs
-than asked means the queue is drained for now: the producer then sleeps until
-a notification, a catch-up request or the poll interval.
+a worker never holds a job it cannot start. A claim that returns no job means
+the queue is drained for now: the producer then sleeps until a notification,
+a catch-up request or the poll interval.
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ class Producer:
             failures = 0
             for job in jobs:
                 self._start_job(job)
-            queue_may_have_jobs = len(jobs) == free
+            # A short claim may only mean other claimers held rows locked (SKIP
+            # LOCKED); only an empty one says the queue is drained for now.
+            queue_may_have_jobs = bool(jobs)
 
     async def _claim(self, limit: int) -> Sequence[Job]:
         rows = await self._db.fetch(

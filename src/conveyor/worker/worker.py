@@ -29,9 +29,9 @@ from conveyor.context import JobContext
 from conveyor.db.notifier import Notifier, jobs_channel
 from conveyor.jobs import Job
 from conveyor.worker.buffer import BatchBuffer
-from conveyor.worker.executor import execute
+from conveyor.worker.executor import execute, executor_failure
 from conveyor.worker.heartbeat import Heartbeat
-from conveyor.worker.outcome import Outcome, error_record
+from conveyor.worker.outcome import Outcome
 from conveyor.worker.producer import Producer
 
 log = logging.getLogger("conveyor.worker")
@@ -86,9 +86,8 @@ class Worker:
             name="completer",
         )
         self._producer = Producer(app.db, self.config, self.id, self.free_slots, self._start_job)
-        self._notifier = Notifier(
-            app.db, jobs_channel(app.config.schema), self._on_notify, self._producer.wake
-        )
+        self._channel = jobs_channel(app.config.schema)
+        self._notifier = Notifier(app.db, self._channel, self._on_notify, self._producer.wake)
         self._heartbeat = Heartbeat(app.db, self.config, self._leases)
         self._stop_requested = asyncio.Event()
         self._idle = asyncio.Event()
@@ -202,8 +201,8 @@ class Worker:
             # Cancelled before its first step ran: it never started, give it back.
             outcome = Outcome.retry(job_id, token, timedelta(0), None, refund=True)
         elif (exc := runner.exception()) is not None:
-            log.error("job %s: executor error %r; retrying", job_id, exc)
-            outcome = Outcome.retry(job_id, token, timedelta(seconds=1), error_record(exc, 0))
+            log.error("job %s: executor error %r", job_id, exc)
+            outcome = executor_failure(entry.job, token, exc)
         else:
             outcome = runner.result()
         self._count(outcome)
@@ -235,6 +234,7 @@ class Worker:
                 "error": [o.error for o in outcomes],
                 "retry_in_s": [o.retry_in_s for o in outcomes],
                 "refund": [o.refund for o in outcomes],
+                "channel": self._channel,
             },
         )
         stale = len(outcomes) - len(rows)
@@ -258,8 +258,10 @@ class Worker:
         tasks = [r.task for r in self._running.values()]
         log.info("worker %s: waiting up to %.1fs for %d running job(s)", self.id, grace, len(tasks))
         _, late = await asyncio.wait(tasks, timeout=grace)
-        for task in late:
-            task.cancel()
+        for entry in self._running.values():
+            if entry.task in late:
+                entry.ctx.request_stop("shutdown")
+                entry.task.cancel()
         if late:
             log.warning(
                 "worker %s: returning %d job(s) still running after the grace period",

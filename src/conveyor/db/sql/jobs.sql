@@ -30,15 +30,25 @@ RETURNING *;
 -- name: job_claim_many
 -- Claim up to `limit` due jobs for one worker: highest priority, then oldest run time, then id.
 WITH candidates AS (
-    -- SKIP LOCKED lets concurrent claimers take disjoint rows without waiting.
-    SELECT id
-    FROM conveyor.jobs
-    WHERE state IN ('scheduled', 'available')
-      AND queue = ANY(%(queues)s::text[])
-      AND run_at <= conveyor.now()
-    ORDER BY priority DESC, run_at, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    -- Per queue, an ordered walk of jobs_claim_idx that stops after `limit` rows
+    -- (queue = ANY(...) would force a sort of every due job); SKIP LOCKED lets
+    -- concurrent claimers take disjoint rows without waiting.
+    SELECT picked.id, picked.priority, picked.run_at
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at
+        FROM conveyor.jobs
+        WHERE state IN ('scheduled', 'available')
+          AND queue = q.name
+          AND run_at <= conveyor.now()
+        ORDER BY priority DESC, run_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS picked
+),
+chosen AS (
+    -- Across queues, the same order; rows locked but not chosen unlock at commit.
+    SELECT id FROM candidates ORDER BY priority DESC, run_at, id LIMIT %(limit)s
 )
 UPDATE conveyor.jobs AS j
 SET state = 'running',
@@ -47,8 +57,8 @@ SET state = 'running',
     lease_token = nextval('conveyor.lease_token_seq'),
     lease_expires_at = conveyor.now() + make_interval(secs => %(lease_s)s),
     worker_id = %(worker_id)s
-FROM candidates
-WHERE j.id = candidates.id
+FROM chosen
+WHERE j.id = chosen.id
 RETURNING j.*;
 
 -- name: job_finish_many
@@ -67,27 +77,36 @@ resolved AS (
                  WHEN retry_in_s > 0 THEN 'scheduled'
                  ELSE 'available' END)::conveyor.job_state AS next_state
     FROM outcome
+),
+updated AS (
+    UPDATE conveyor.jobs AS j
+    SET state = r.next_state,
+        result = coalesce(r.result::jsonb, j.result),
+        errors = CASE WHEN r.error IS NULL THEN j.errors
+                      ELSE j.errors || jsonb_build_array(
+                          jsonb_build_object('at', conveyor.now()) || r.error::jsonb)
+                 END,
+        attempt = CASE WHEN r.refund THEN j.attempt - 1 ELSE j.attempt END,
+        run_at = CASE WHEN r.state = 'retry'
+                      THEN conveyor.now() + make_interval(secs => r.retry_in_s)
+                      ELSE j.run_at END,
+        finished_at = CASE WHEN r.next_state IN ('succeeded', 'failed', 'cancelled')
+                           THEN conveyor.now() END,
+        lease_token = NULL,
+        lease_expires_at = NULL
+    FROM resolved AS r
+    WHERE j.id = r.id
+      AND j.lease_token = r.token
+      AND j.state = 'running'
+    RETURNING j.id, j.queue, j.state
+),
+woken AS (
+    -- Jobs handed straight back (retry without delay, shutdown return) wake
+    -- listeners at once instead of waiting for their poll.
+    SELECT count(pg_notify(%(channel)s, queue)) AS sent
+    FROM (SELECT DISTINCT queue FROM updated WHERE state = 'available') AS queues
 )
-UPDATE conveyor.jobs AS j
-SET state = r.next_state,
-    result = coalesce(r.result::jsonb, j.result),
-    errors = CASE WHEN r.error IS NULL THEN j.errors
-                  ELSE j.errors || jsonb_build_array(
-                      jsonb_build_object('at', conveyor.now()) || r.error::jsonb)
-             END,
-    attempt = CASE WHEN r.refund THEN j.attempt - 1 ELSE j.attempt END,
-    run_at = CASE WHEN r.state = 'retry'
-                  THEN conveyor.now() + make_interval(secs => r.retry_in_s)
-                  ELSE j.run_at END,
-    finished_at = CASE WHEN r.next_state IN ('succeeded', 'failed', 'cancelled')
-                       THEN conveyor.now() END,
-    lease_token = NULL,
-    lease_expires_at = NULL
-FROM resolved AS r
-WHERE j.id = r.id
-  AND j.lease_token = r.token
-  AND j.state = 'running'
-RETURNING j.id;
+SELECT updated.id FROM updated, woken;
 
 -- name: lease_extend_many
 -- Heartbeat: push the lease expiry of this worker's running jobs whose token still matches.

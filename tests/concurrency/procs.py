@@ -1,0 +1,214 @@
+"""Helpers for racing real processes: worker subprocesses and bounded waits on the database.
+
+Every wait has a deadline and polls (the database or a file); nothing sleeps
+a fixed time to synchronise. A worker that dies while a test waits on it
+fails the wait at once, with its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from conveyor import App
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKER_MODULE = "tests.concurrency.worker_main"
+
+POLL_S = 0.05
+"""Pause between two looks at the database or the file system while waiting."""
+READY_TIMEOUT_S = 30.0
+"""Start-up of a worker process (interpreter, imports, connections) on a busy 2-core box."""
+EXIT_TIMEOUT_S = 30.0
+"""A graceful stop: grace period plus flushing, with a wide margin."""
+LOG_TAIL_CHARS = 6_000
+
+
+@dataclass
+class WorkerProcess:
+    """One worker subprocess started by `start_worker`."""
+
+    popen: subprocess.Popen[bytes]
+    name: str
+    log_path: Path
+    ready_path: Path
+    stopping_path: Path
+    stats_path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.popen.pid
+
+    def log(self) -> str:
+        """The tail of everything the process wrote to stdout/stderr."""
+        try:
+            return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        except FileNotFoundError:
+            return ""
+
+    def check_alive(self) -> None:
+        """Fail the test if the process has exited."""
+        code = self.popen.poll()
+        if code is not None:
+            raise AssertionError(f"worker {self.name} exited early ({code}):\n{self.log()}")
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Wait until the worker is listening and has made its first claim."""
+        await wait_for_file(self.ready_path, timeout, procs=[self])
+        self.info = json.loads(self.ready_path.read_text())
+
+    def terminate(self) -> None:
+        """Send SIGTERM (a graceful stop)."""
+        self.popen.send_signal(signal.SIGTERM)
+
+    async def wait_stopping(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Wait until the worker's signal handler has run."""
+        await wait_for_file(self.stopping_path, timeout)
+
+    async def wait_exit(self, timeout: float = EXIT_TIMEOUT_S) -> int:
+        """Wait for the process to exit and return its status; fails past `timeout`."""
+        try:
+            return await asyncio.to_thread(self.popen.wait, timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker {self.name} still running after {timeout}s:\n{self.log()}"
+            ) from None
+
+    async def stop(self, timeout: float = EXIT_TIMEOUT_S) -> None:
+        """SIGTERM, then require a clean exit with status 0."""
+        self.terminate()
+        code = await self.wait_exit(timeout)
+        assert code == 0, f"worker {self.name} exited {code}:\n{self.log()}"
+
+    def stats(self) -> dict[str, Any]:
+        """The worker's final counters, written after a graceful stop."""
+        stats: dict[str, Any] = json.loads(self.stats_path.read_text())
+        return stats
+
+    def kill(self) -> None:
+        """SIGKILL this process if it is still running, and reap it."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(timeout=EXIT_TIMEOUT_S)
+
+
+class StartWorker(Protocol):
+    """Starts a worker subprocess on the test's database (the `start` fixture)."""
+
+    def __call__(self, name: str, **options: Any) -> WorkerProcess: ...
+
+
+def start_worker(
+    database_url: str,
+    workdir: Path,
+    name: str,
+    *,
+    concurrency: int = 5,
+    poll_interval: float = 0.2,
+    shutdown_grace: float = 10.0,
+    lease_duration: float = 30.0,
+    heartbeat_interval: float = 5.0,
+) -> WorkerProcess:
+    """Start `tests.concurrency.worker_main` on `database_url`; files go to `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: workdir / f"{name}.{kind}" for kind in ("log", "ready", "stopping", "stats")}
+    for path in paths.values():
+        path.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "CONVEYOR_DATABASE_URL": database_url,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
+        ),
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        WORKER_MODULE,
+        f"--ready-file={paths['ready']}",
+        f"--stopping-file={paths['stopping']}",
+        f"--stats-file={paths['stats']}",
+        f"--concurrency={concurrency}",
+        f"--poll-interval={poll_interval}",
+        f"--shutdown-grace={shutdown_grace}",
+        f"--lease-duration={lease_duration}",
+        f"--heartbeat-interval={heartbeat_interval}",
+    ]
+    with paths["log"].open("wb") as log:
+        popen = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    return WorkerProcess(
+        popen=popen,
+        name=name,
+        log_path=paths["log"],
+        ready_path=paths["ready"],
+        stopping_path=paths["stopping"],
+        stats_path=paths["stats"],
+    )
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]],
+    timeout: float,
+    what: str,
+    *,
+    procs: Iterable[WorkerProcess] = (),
+) -> None:
+    """Poll `condition` until it is true; fail after `timeout` or if a process dies."""
+    watched = list(procs)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        for proc in watched:
+            proc.check_alive()
+        if loop.time() > deadline:
+            logs = "\n".join(f"--- {p.name}:\n{p.log()}" for p in watched)
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+        await asyncio.sleep(POLL_S)
+
+
+async def wait_for_file(path: Path, timeout: float, *, procs: Iterable[WorkerProcess] = ()) -> None:
+    """Wait until `path` exists."""
+
+    async def exists() -> bool:
+        return path.exists()
+
+    await wait_until(exists, timeout, f"file {path.name}", procs=procs)
+
+
+async def query(
+    app: App, statement: str, params: Sequence[Any] | None = None
+) -> list[dict[str, Any]]:
+    """Run raw SQL on `app`'s database (autocommit) and return the rows as dicts."""
+    pool = await app.db.pool()
+    async with pool.connection() as conn:
+        cur = await conn.execute(statement.encode(), params)
+        return await cur.fetchall() if cur.description else []
+
+
+async def state_counts(app: App, ids: Sequence[int]) -> dict[str, int]:
+    """How many of the jobs `ids` are in each state."""
+    rows = await query(
+        app,
+        "SELECT state::text AS state, count(*) AS n FROM conveyor.jobs"
+        " WHERE id = ANY(%s) GROUP BY state",
+        [list(ids)],
+    )
+    return {row["state"]: int(row["n"]) for row in rows}
+
+
+async def all_in_state(app: App, ids: Sequence[int], state: str) -> bool:
+    """True when every job of `ids` is in `state`."""
+    return (await state_counts(app, ids)).get(state, 0) == len(ids)
