@@ -24,9 +24,10 @@ from typing import Any, overload
 import psycopg
 
 from conveyor.config import Config
+from conveyor.db.control import control_channel
 from conveyor.db.database import Database, Row
-from conveyor.errors import JobNotFound, TaskNotFound, WaitTimeout
-from conveyor.jobs import Job
+from conveyor.errors import InvalidJobOptions, JobNotFound, TaskNotFound, WaitTimeout
+from conveyor.jobs import Job, WorkerInfo
 from conveyor.migrations.migrator import check_schema, migrate
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
 from conveyor.tasks import (
@@ -263,6 +264,61 @@ class App:
     def counts_sync(self) -> dict[str, dict[str, int]]:
         """Sync twin of `counts`."""
         return _nest_counts(self.db.fetch_sync("count jobs", "job_count_by_queue_state"))
+
+    # -- cancellation and workers ------------------------------------------
+
+    async def cancel(self, job_id: int, *, reason: str = "cancelled by request") -> Job:
+        """Cancel one job and return it.
+
+        A waiting job ends `cancelled` at once and never runs. A running job gets
+        a cancel request: its worker hears it within about a second (NOTIFY, with
+        the heartbeat as fallback), stops the attempt and records `cancelled`.
+        A finished job is returned unchanged. Raises `JobNotFound`.
+        """
+        await self.cancel_many(ids=[job_id], reason=reason)
+        return await self.get_job(job_id)
+
+    async def cancel_many(
+        self,
+        *,
+        ids: Sequence[int] | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        reason: str = "cancelled by request",
+    ) -> dict[int, str]:
+        """Cancel every unfinished job matching all the given filters.
+
+        Returns `{job_id: "cancelled" | "cancel_requested"}`. With no filter at
+        all it refuses (ConveyorError) rather than cancel everything by accident.
+        """
+        if ids is None and queue is None and task is None:
+            raise InvalidJobOptions("cancel_many needs ids, queue or task")
+        rows = await self.db.fetch(
+            "cancel jobs",
+            "job_cancel_many",
+            {
+                "ids": None if ids is None else list(ids),
+                "queue": queue,
+                "task": task,
+                "reason": reason,
+                "channel": control_channel(self.config.schema),
+            },
+        )
+        return {int(r["id"]): str(r["outcome"]) for r in rows}
+
+    async def workers(self, *, live_only: bool = False) -> list[WorkerInfo]:
+        """The worker registry, newest first."""
+        rows = await self.db.fetch("list workers", "worker_list", {"live_only": live_only})
+        return [WorkerInfo.from_row(r) for r in rows]
+
+    async def stop_workers(self, worker_id: str | None = None) -> list[str]:
+        """Ask one live worker (or all, with None) to drain and exit; returns their ids."""
+        rows = await self.db.fetch(
+            "request worker stop",
+            "worker_request_stop",
+            {"worker_id": worker_id, "channel": control_channel(self.config.schema)},
+        )
+        return [str(r["id"]) for r in rows]
 
     # -- schema and lifecycle ----------------------------------------------
 

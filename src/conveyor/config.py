@@ -86,10 +86,22 @@ class WorkerConfig:
     """Jobs run at once in this process."""
     poll_interval: timedelta = timedelta(seconds=1)
     """Fallback poll when no NOTIFY arrives (delayed jobs, lost notifications)."""
-    lease_duration: timedelta = timedelta(seconds=30)
-    """How long a claim stays valid without a heartbeat."""
+    lease_duration: timedelta = timedelta(seconds=20)
+    """How long a claim stays valid without a heartbeat; a crashed worker's jobs
+    are rescued at most `lease_duration + rescue_interval` after its last beat."""
     heartbeat_interval: timedelta = timedelta(seconds=5)
-    """How often the worker renews the leases of its running jobs."""
+    """How often the worker renews the leases of its running jobs (4 beats per lease:
+    three may be lost before a lease expires)."""
+    rescue_interval: timedelta = timedelta(seconds=5)
+    """How often this worker's rescuer looks for expired leases (one rescuer works
+    at a time across all workers)."""
+    dead_after: timedelta = timedelta(seconds=60)
+    """A worker silent this long is marked dead in the registry."""
+    cancel_hard_limit: timedelta = timedelta(seconds=5)
+    """How long an attempt asked to stop (timeout, cancel, shutdown) may ignore it
+    before its slot is abandoned and reported as leaked."""
+    run_rescuer: bool = True
+    """Take part in rescuing expired leases (off only in tests that rescue by hand)."""
     flush_interval: timedelta = timedelta(milliseconds=20)
     """Longest a finished job's outcome waits in the buffer before it is written."""
     flush_size: int = 200
@@ -108,12 +120,22 @@ class WorkerConfig:
             raise ConfigError("WorkerConfig.queues must name at least one non-empty queue")
         _positive("WorkerConfig.concurrency", self.concurrency)
         _positive("WorkerConfig.flush_size", self.flush_size)
-        for name in ("poll_interval", "lease_duration", "heartbeat_interval", "flush_interval"):
+        for name in (
+            "poll_interval",
+            "lease_duration",
+            "heartbeat_interval",
+            "flush_interval",
+            "rescue_interval",
+            "dead_after",
+            "cancel_hard_limit",
+        ):
             _positive_duration(f"WorkerConfig.{name}", getattr(self, name))
         if self.shutdown_grace < timedelta(0):
             raise ConfigError("WorkerConfig.shutdown_grace must not be negative")
         if self.heartbeat_interval >= self.lease_duration:
             raise ConfigError("WorkerConfig.heartbeat_interval must be shorter than lease_duration")
+        if self.dead_after <= self.heartbeat_interval:
+            raise ConfigError("WorkerConfig.dead_after must be longer than heartbeat_interval")
         if self.sync_threads is not None:
             _positive("WorkerConfig.sync_threads", self.sync_threads)
 

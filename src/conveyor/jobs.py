@@ -90,3 +90,35 @@ class Job:
 
 
 _FIELDS = frozenset(Job.__dataclass_fields__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerInfo:
+    """A snapshot of one worker process's registry row."""
+
+    id: str
+    host: str
+    pid: int
+    version: str
+    schema_version: int
+    queues: list[str]
+    concurrency: int
+    state: str
+    """running, stopping, stopped or dead."""
+    started_at: datetime
+    heartbeat_at: datetime
+    heartbeat_age_s: float
+    """Seconds since the last heartbeat, on the database clock."""
+    stopped_at: datetime | None = None
+    stop_requested_at: datetime | None = None
+    running_jobs: int = 0
+    leaked_slots: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> WorkerInfo:
+        """Build from a `worker_list` row."""
+        return cls(**{k: v for k, v in row.items() if k in _WORKER_FIELDS})
+
+
+_WORKER_FIELDS = frozenset(WorkerInfo.__dataclass_fields__)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conveyor import App, Config, JobContext
-from conveyor.db.notifier import jobs_channel
+from conveyor.db.control import jobs_channel
 from conveyor.testing import freeze_time
 from tests.concurrency.claimers import ClaimPlan, ClaimReport, run_claimers
 from tests.concurrency.procs import query

@@ -48,7 +48,7 @@ async def test_heartbeat_extends_the_lease_to_database_now_plus_lease_duration(
 
         for step in (timedelta(seconds=20), timedelta(seconds=25)):
             now = await advance_time(app, step)
-            assert await worker._heartbeat.beat() == 1
+            assert (await worker.heartbeat_now()).renewed == {job.id}
             beaten = await app.get_job(job.id)
             assert beaten.lease_expires_at == now + LEASE
             assert (beaten.state, beaten.lease_token) == ("running", claimed.lease_token)
@@ -58,7 +58,7 @@ async def test_heartbeat_extends_the_lease_to_database_now_plus_lease_duration(
         assert (done.state, done.result, done.lease_expires_at) == ("succeeded", "done", None)
         # Nothing held any more: a beat renews nothing.
         await worker.wait_until_idle()
-        assert await worker._heartbeat.beat() == 0
+        assert (await worker.heartbeat_now()).renewed == frozenset()
     finally:
         release.set()
         await worker.stop()

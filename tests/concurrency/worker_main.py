@@ -50,8 +50,8 @@ def _write_atomically(path: Path, text: str) -> None:
 async def _ready(worker: Worker) -> None:
     """Wait until NOTIFY can wake this worker and its first claim has run."""
     async with asyncio.timeout(READY_TIMEOUT_S):
-        await worker._notifier.connected.wait()
-        while worker._producer.claims < 1:
+        await worker.connected.wait()
+        while worker.claims < 1:
             await asyncio.sleep(READY_POLL_S)
 
 

@@ -122,20 +122,15 @@ async def test_enqueue_with_the_wrong_kind_of_connection_is_refused(
     assert await count_jobs() == 0
 
 
-async def _wait_for_listener(query_db: QueryDb, channel: str = "conveyor.jobs") -> None:
-    """Until a conveyor listener session on this database has run `LISTEN "<channel>"`."""
+async def _wait_for_listener(worker: Worker) -> None:
+    """Until the worker's control session has LISTENed and its first claim has run.
+
+    After that, with a 30 s poll, only a NOTIFY can make it claim again.
+    """
     async with asyncio.timeout(LISTENER_READY_TIMEOUT_S):
-        while True:
-            rows = await query_db(
-                "SELECT count(*) AS n FROM pg_stat_activity"
-                " WHERE datname = current_database()"
-                " AND application_name = 'conveyor-listener'"
-                " AND query = %s AND state = 'idle'",
-                f'LISTEN "{channel}"',
-            )
-            if rows[0]["n"]:
-                return
-            await asyncio.sleep(0.02)
+        await worker.connected.wait()
+        while worker.claims < 1:
+            await asyncio.sleep(0.01)
 
 
 async def test_listening_worker_starts_a_transactional_job_only_after_commit(
@@ -146,7 +141,7 @@ async def test_listening_worker_starts_a_transactional_job_only_after_commit(
     worker = Worker(app, WorkerConfig(poll_interval=timedelta(seconds=30), concurrency=1))
     await worker.start()
     try:
-        await _wait_for_listener(query_db)
+        await _wait_for_listener(worker)
         async with await psycopg.AsyncConnection.connect(database_url) as conn:
             async with conn.transaction():
                 job = await ping.configure(connection=conn).enqueue(n=5)
@@ -172,7 +167,7 @@ async def test_listening_worker_in_another_schema_is_woken_on_its_own_channel(
         worker = Worker(other, WorkerConfig(poll_interval=timedelta(seconds=30)))
         await worker.start()
         try:
-            await _wait_for_listener(query_db, "other.jobs")
+            await _wait_for_listener(worker)
             job = await ping.enqueue(n=9)
             done = await other.wait(job.id, timeout=10)
         finally:

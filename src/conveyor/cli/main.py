@@ -22,7 +22,7 @@ from conveyor.app import App
 from conveyor.cli.loader import load_app
 from conveyor.config import Config, WorkerConfig
 from conveyor.errors import ConveyorError
-from conveyor.jobs import JobState
+from conveyor.jobs import JobState, WorkerInfo
 from conveyor.worker.worker import Worker
 
 cli = typer.Typer(
@@ -182,12 +182,14 @@ def enqueue(
 def status(database_url: DatabaseUrl = None, schema: Schema = None) -> None:
     """Show job counts per queue and state."""
     app = _app_from_options(database_url, schema)
-    try:
-        counts = app.counts_sync()
-    except ConveyorError as exc:
-        raise _fail(exc) from None
-    finally:
-        app.db.close_sync()
+
+    async def read() -> tuple[dict[str, dict[str, int]], list[WorkerInfo]]:
+        try:
+            return await app.counts(), await app.workers(live_only=True)
+        finally:
+            await app.close()
+
+    counts, workers = _run(read)
     table = Table(title=f"conveyor jobs ({app.config.schema})")
     table.add_column("queue")
     for state in STATE_ORDER:
@@ -197,6 +199,105 @@ def status(database_url: DatabaseUrl = None, schema: Schema = None) -> None:
     if not counts:
         table.add_row("(no jobs)", *("0" for _ in STATE_ORDER))
     console.print(table)
+    live = [w for w in workers if w.state in ("running", "stopping")]
+    leaked = sum(w.leaked_slots for w in live)
+    console.print(
+        f"workers: {len(live)} live, {sum(w.running_jobs for w in live)} jobs running, "
+        f"{leaked} leaked slot(s)"
+        + (" [bold red](attempts ignoring cancellation)[/]" if leaked else "")
+    )
+
+
+workers_cli = typer.Typer(help="List and stop worker processes.", no_args_is_help=False)
+cli.add_typer(workers_cli, name="workers")
+
+
+@workers_cli.callback(invoke_without_command=True)
+def workers_list(
+    ctx: typer.Context,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+    all_workers: Annotated[
+        bool, typer.Option("--all", help="Include stopped and dead workers.")
+    ] = False,
+) -> None:
+    """List workers: state, heartbeat age, running jobs, leaked slots, version."""
+    if ctx.invoked_subcommand is not None:
+        return
+    app = _app_from_options(database_url, schema)
+
+    async def fetch() -> list[WorkerInfo]:
+        try:
+            return await app.workers(live_only=not all_workers)
+        finally:
+            await app.close()
+
+    rows = _run(fetch)
+    table = Table(title=f"conveyor workers ({app.config.schema})")
+    for column in ("id", "state", "heartbeat", "running", "leaked", "concurrency", "queues",
+                   "version"):  # fmt: skip
+        table.add_column(column, justify="right" if column in ("running", "leaked") else "left")
+    for w in rows:
+        table.add_row(
+            w.id,
+            w.state + (" (stop requested)" if w.stop_requested_at and w.state != "stopped" else ""),
+            f"{w.heartbeat_age_s:.1f}s ago",
+            str(w.running_jobs),
+            str(w.leaked_slots),
+            str(w.concurrency),
+            ",".join(w.queues),
+            f"{w.version} (schema {w.schema_version})",
+        )
+    console.print(table)
+
+
+@workers_cli.command("stop")
+def workers_stop(
+    worker_id: Annotated[
+        str | None, typer.Argument(help="Worker id (see `conveyor workers`).")
+    ] = None,
+    all_workers: Annotated[bool, typer.Option("--all", help="Stop every live worker.")] = False,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Ask a worker (or all) to finish its running jobs and exit."""
+    if (worker_id is None) == (not all_workers):
+        raise _fail(ValueError("give a worker id or --all (not both)"))
+    app = _app_from_options(database_url, schema)
+
+    async def stop() -> list[str]:
+        try:
+            return await app.stop_workers(None if all_workers else worker_id)
+        finally:
+            await app.close()
+
+    stopped = _run(stop)
+    if not stopped:
+        raise _fail(ValueError(f"no live worker {worker_id!r}" if worker_id else "no live worker"))
+    for stopped_id in stopped:
+        console.print(f"stop requested: {stopped_id}")
+
+
+@cli.command()
+def cancel(
+    job_ids: Annotated[list[int], typer.Argument(help="Job ids to cancel.")],
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Cancel jobs: waiting ones at once, running ones via their worker."""
+    app = _app_from_options(database_url, schema)
+
+    async def run_cancel() -> dict[int, str]:
+        try:
+            return await app.cancel_many(ids=job_ids)
+        finally:
+            await app.close()
+
+    outcomes = _run(run_cancel)
+    for job_id in job_ids:
+        console.print(
+            f"job {job_id}: {outcomes.get(job_id, 'not cancellable (finished or unknown)')}"
+        )
 
 
 @cli.command()

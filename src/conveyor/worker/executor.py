@@ -2,11 +2,19 @@
 
 The executor never writes to the database; the completer does. Sync task
 functions run in the worker's thread pool so they cannot block the loop.
+
+When the worker asks an attempt to stop (`ctx.stop_reason`), the outcome
+follows the reason: `shutdown` gives the job back with the attempt refunded,
+`cancel` records `cancelled`, `timeout` is a failure retried per policy, and
+`lease_lost` records nothing at all (the job is no longer ours to record).
+An attempt that ignores cancellation for longer than the hard limit is
+abandoned and reported as a leaked slot; its job still gets its outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import json
 import logging
@@ -25,13 +33,15 @@ from conveyor.worker.outcome import Outcome, error_record
 
 log = logging.getLogger("conveyor.worker")
 
+OnLeak = Callable[["asyncio.Future[Any]"], None]
+
 
 class AttemptTimeout(TimeoutError):
     """The attempt ran past its task's timeout."""
 
 
-class ShutdownReturn(Exception):
-    """The worker stopped before the attempt finished; the job goes back, attempt refunded."""
+class CancelRequested(Exception):
+    """Someone asked for this running job to be cancelled."""
 
 
 async def execute(
@@ -39,26 +49,44 @@ async def execute(
     task: Task | None,
     ctx: JobContext,
     threads: Executor,
-) -> Outcome:
-    """Run `job` and return its outcome; never raises except on programming errors."""
+    *,
+    hard_limit: timedelta = timedelta(seconds=5),
+    on_leak: OnLeak | None = None,
+) -> Outcome | None:
+    """Run `job` and return its outcome (None: record nothing); never raises."""
     assert job.lease_token is not None
     token = job.lease_token
     if task is None:
         return _failure(job, token, TaskNotFound(job.task), DEFAULT_RETRY)
+    policy = task.options.retry
     try:
-        value = await _call(task, job, ctx, threads)
-        return Outcome.succeeded(job.id, token, _encode_result(value))
-    except asyncio.CancelledError as cancelled:
+        value = await _call(task, job, ctx, threads, hard_limit, on_leak)
         if ctx.stop_reason is None:
-            # Raised by the task's own code, not by the worker: a failure like any other.
-            return _failure(job, token, cancelled, task.options.retry)
-        # The worker is shutting down past its grace: give the job back, attempt refunded.
-        return Outcome.retry(job.id, token, timedelta(0), None, refund=True)
-    except Exception as exc:
-        return _outcome_of(exc, job, token, task.options.retry)
+            return Outcome.succeeded(job.id, token, _encode_result(value))
+    except (asyncio.CancelledError, Exception) as exc:
+        if ctx.stop_reason is None:
+            # Includes a CancelledError raised by the task's own code: only the
+            # worker's requests (which set a stop reason) are not failures.
+            return _outcome_of(exc, job, token, policy)
+    return _stopped(job, token, ctx, policy)
 
 
-def _outcome_of(exc: Exception, job: Job, token: int, policy: RetryPolicy) -> Outcome:
+def _stopped(job: Job, token: int, ctx: JobContext, policy: RetryPolicy) -> Outcome | None:
+    """The outcome of an attempt the worker asked to stop, by reason."""
+    reason = ctx.stop_reason
+    if reason == "lease_lost":
+        return None
+    if reason == "cancel":
+        error = error_record(
+            CancelRequested("cancelled while running"), job.attempt, with_traceback=False
+        )
+        return Outcome(job.id, token, "cancelled", error=error)
+    if reason == "timeout":
+        return _failure(job, token, AttemptTimeout(_timeout_message(job)), policy)
+    return Outcome.retry(job.id, token, timedelta(0), None, refund=True)
+
+
+def _outcome_of(exc: BaseException, job: Job, token: int, policy: RetryPolicy) -> Outcome:
     """The outcome of an attempt that raised `exc`: an outcome signal or a failure."""
     if isinstance(exc, Snooze):
         return Outcome.retry(job.id, token, exc.delay, None, refund=True)
@@ -70,21 +98,59 @@ def _outcome_of(exc: Exception, job: Job, token: int, policy: RetryPolicy) -> Ou
     return _failure(job, token, exc, policy)
 
 
-async def _call(task: Task, job: Job, ctx: JobContext, threads: Executor) -> Any:
-    timeout = None if job.timeout_ms is None else job.timeout_ms / 1000
+async def _call(
+    task: Task,
+    job: Job,
+    ctx: JobContext,
+    threads: Executor,
+    hard_limit: timedelta,
+    on_leak: OnLeak | None,
+) -> Any:
+    thread: concurrent.futures.Future[Any] | None = None
     if task.is_async:
-        call = task.func(ctx, **job.args)
+        inner: asyncio.Future[Any] = asyncio.ensure_future(task.func(ctx, **job.args))
     else:
-        loop = asyncio.get_running_loop()
-        bound: Callable[[], Any] = functools.partial(task.func, ctx, **job.args)
-        call = loop.run_in_executor(threads, bound)
-    if timeout is None:
-        return await call
+        thread = threads.submit(functools.partial(task.func, ctx, **job.args))
+        inner = asyncio.wrap_future(thread)
+    timeout = None if job.timeout_ms is None else job.timeout_ms / 1000
     try:
-        return await asyncio.wait_for(call, timeout)
-    except TimeoutError as exc:
+        done, _ = await asyncio.wait({inner}, timeout=timeout)
+    except asyncio.CancelledError:
+        # The worker cancelled us (shutdown, cancel, lease lost): pass it on.
+        await _abandon(inner, thread, hard_limit, on_leak)
+        raise
+    if not done:
         ctx.request_stop("timeout")
-        raise AttemptTimeout(f"attempt {job.attempt} timed out after {timeout}s") from exc
+        await _abandon(inner, thread, hard_limit, on_leak)
+        raise AttemptTimeout(_timeout_message(job))
+    return inner.result()
+
+
+async def _abandon(
+    inner: asyncio.Future[Any],
+    thread: concurrent.futures.Future[Any] | None,
+    hard_limit: timedelta,
+    on_leak: OnLeak | None,
+) -> None:
+    """Cancel the attempt and give it `hard_limit` to end; past that its slot is leaked.
+
+    A thread cannot be interrupted: a sync task ends only when it returns (it
+    should watch `ctx.cancelled`), so its end is watched on the thread's own future.
+    """
+    inner.cancel()
+    watched = asyncio.wrap_future(thread) if thread is not None else inner
+    done, _ = await asyncio.wait({watched}, timeout=hard_limit.total_seconds())
+    if not done:
+        log.error("an attempt ignored cancellation for %s: its slot is leaked", hard_limit)
+        if on_leak is not None:
+            on_leak(watched)
+    elif not watched.cancelled():
+        watched.exception()  # retrieve it, so asyncio does not log "never retrieved"
+
+
+def _timeout_message(job: Job) -> str:
+    seconds = (job.timeout_ms or 0) / 1000
+    return f"attempt {job.attempt} timed out after {seconds}s"
 
 
 def _encode_result(value: Any) -> str:

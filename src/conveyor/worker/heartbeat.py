@@ -1,69 +1,93 @@
-"""The heartbeat: renew the leases of every job this worker holds, in one statement."""
+"""The heartbeat: one statement renews this worker's leases and refreshes its row.
+
+It runs on the control session's connection (see `db/control.py`) so job work
+can never starve it, and it reads back the remote signals: a stop request, and
+which of this worker's jobs someone asked to cancel. A job it held whose lease
+did not renew has been taken away (rescued, or finished elsewhere): the worker
+must abandon that attempt.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
 
 from conveyor.config import WorkerConfig
 from conveyor.db.database import Database
 
-log = logging.getLogger("conveyor.worker")
+
+@dataclass(frozen=True)
+class HeldLease:
+    """A lease the worker believes it holds."""
+
+    job_id: int
+    token: int
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    """What one beat learned."""
+
+    renewed: frozenset[int]
+    lost: frozenset[int]
+    cancel_requested: frozenset[int]
+    stop_requested: bool
+    registered: bool
+    """False if the worker row is gone (pruned): the worker re-registers."""
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """The worker's numbers written with each beat."""
+
+    running_jobs: int
+    leaked_slots: int
+    stats: dict[str, Any]
 
 
 class Heartbeat:
-    """Every `heartbeat_interval`, extends the leases returned by `leases()`."""
+    """Builds and runs the heartbeat statement for one worker."""
 
     def __init__(
-        self, db: Database, config: WorkerConfig, leases: Callable[[], list[tuple[int, int]]]
+        self,
+        db: Database,
+        config: WorkerConfig,
+        worker_id: str,
+        held: Callable[[], Sequence[HeldLease]],
+        report: Callable[[], WorkerReport],
     ) -> None:
         self._db = db
         self._config = config
-        self._leases = leases
-        self._task: asyncio.Task[None] | None = None
+        self._worker_id = worker_id
+        self._held = held
+        self._report = report
         self.beats = 0
 
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        """The heartbeat task, for the worker to supervise."""
-        return self._task
-
-    def start(self) -> None:
-        """Start beating in the background."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="conveyor-heartbeat")
-
-    async def stop(self) -> None:
-        """Stop beating; a second call is a no-op."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    async def beat(self) -> int:
-        """Extend the leases now; returns how many the database renewed."""
-        held = self._leases()
-        if not held:
-            return 0
-        rows = await self._db.fetch(
-            "extend leases",
-            "lease_extend_many",
-            {
-                "id": [job_id for job_id, _ in held],
-                "token": [token for _, token in held],
-                "lease_s": self._config.lease_duration.total_seconds(),
-            },
-        )
+    async def beat(self, conn: psycopg.AsyncConnection[Any] | None = None) -> HeartbeatReply:
+        """Renew every held lease now (on `conn`, else a pooled connection)."""
+        held = list(self._held())
+        report = self._report()
+        params = {
+            "job_id": [lease.job_id for lease in held],
+            "token": [lease.token for lease in held],
+            "lease_s": self._config.lease_duration.total_seconds(),
+            "worker_id": self._worker_id,
+            "running_jobs": report.running_jobs,
+            "leaked_slots": report.leaked_slots,
+            "stats": json.dumps(report.stats),
+        }
+        rows = await self._db.fetch("heartbeat", "worker_heartbeat", params, conn=conn)
         self.beats += 1
-        return len(rows)
-
-    async def _run(self) -> None:
-        interval = self._config.heartbeat_interval.total_seconds()
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.beat()
-            except Exception as exc:
-                # A missed beat is survivable: the lease outlives several intervals.
-                log.warning("heartbeat failed: %s", exc)
+        row = rows[0]
+        renewed = frozenset(int(i) for i in row["renewed"])
+        return HeartbeatReply(
+            renewed=renewed,
+            lost=frozenset(lease.job_id for lease in held) - renewed,
+            cancel_requested=frozenset(int(i) for i in row["cancel"]),
+            stop_requested=bool(row["stop_requested"]),
+            registered=bool(row["registered"]),
+        )

@@ -30,7 +30,7 @@ class Producer:
         config: WorkerConfig,
         worker_id: str,
         free_slots: Callable[[], int],
-        start_job: Callable[[Job], None],
+        start_job: Callable[[Job, float], None],
     ) -> None:
         self._db = db
         self._config = config
@@ -85,6 +85,8 @@ class Producer:
                 if self._stopping:
                     return
             self._wake.clear()
+            # Taken before the claim is sent: the lease may start as early as this.
+            claimed_at = asyncio.get_running_loop().time()
             try:
                 jobs = await self._claim(free)
             except DatabaseError as exc:
@@ -95,7 +97,7 @@ class Producer:
                 continue
             failures = 0
             for job in jobs:
-                self._start_job(job)
+                self._start_job(job, claimed_at)
             # A short claim may only mean other claimers held rows locked (SKIP
             # LOCKED); only an empty one says the queue is drained for now.
             queue_may_have_jobs = bool(jobs)

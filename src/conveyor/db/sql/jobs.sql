@@ -146,3 +146,44 @@ SELECT count(*) AS count
 FROM conveyor.jobs
 WHERE queue = ANY(%(queues)s::text[])
   AND (state = 'running' OR (state IN ('scheduled', 'available') AND run_at <= conveyor.now()));
+
+-- name: job_cancel_many
+-- Cancel jobs by id and/or filter. Waiting jobs end `cancelled` at once; running
+-- ones get a cancel request their worker acts on (NOTIFY now, heartbeat as fallback).
+WITH target AS (
+    SELECT id, state
+    FROM conveyor.jobs
+    WHERE (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+      AND (%(task)s::text IS NULL OR task = %(task)s::text)
+      AND state IN ('scheduled', 'available', 'running')
+    ORDER BY id
+    FOR UPDATE
+),
+waiting AS (
+    UPDATE conveyor.jobs AS j
+    SET state = 'cancelled',
+        finished_at = conveyor.now(),
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'at', conveyor.now(), 'attempt', j.attempt,
+            'type', 'conveyor.Cancelled', 'message', %(reason)s::text))
+    FROM target
+    WHERE j.id = target.id AND target.state IN ('scheduled', 'available')
+    RETURNING j.id, 'cancelled' AS outcome
+),
+running AS (
+    UPDATE conveyor.jobs AS j
+    SET cancel_requested_at = coalesce(j.cancel_requested_at, conveyor.now())
+    FROM target
+    WHERE j.id = target.id AND target.state = 'running'
+    RETURNING j.id, j.worker_id, 'cancel_requested' AS outcome
+),
+told AS (
+    SELECT count(pg_notify(%(channel)s, json_build_object(
+        'kind', 'cancel', 'job_id', id, 'worker_id', worker_id)::text)) AS sent
+    FROM running
+)
+SELECT id, outcome FROM waiting
+UNION ALL
+SELECT id, outcome FROM running, told
+ORDER BY id;

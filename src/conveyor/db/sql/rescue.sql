@@ -1,0 +1,54 @@
+-- The rescuer: jobs whose lease expired go back to the queue (or end), fenced.
+
+-- name: rescue_try_lock
+-- Only one rescuer at a time across all workers; released at commit.
+SELECT pg_try_advisory_xact_lock(hashtextextended(%(key)s, 0)) AS locked;
+
+-- name: job_rescue_candidates
+-- Running jobs whose lease expired on the database clock, oldest expiry first.
+SELECT id, lease_token, queue, attempt, max_attempts, worker_id
+FROM conveyor.jobs
+WHERE state = 'running'
+  AND lease_expires_at < conveyor.now()
+ORDER BY lease_expires_at
+LIMIT %(limit)s;
+
+-- name: job_rescue_many
+-- Rescue the candidates read before, re-checking state, token and expiry: a job
+-- completed (or renewed) in between is left alone. A rescue counts as an attempt:
+-- a job that kills its worker every time ends `failed`, not in a loop.
+WITH target AS (
+    SELECT * FROM unnest(%(id)s::bigint[], %(token)s::bigint[]) AS t(id, token)
+),
+rescued AS (
+    UPDATE conveyor.jobs AS j
+    SET state = (CASE
+            WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+            WHEN j.attempt >= j.max_attempts THEN 'failed'
+            WHEN %(backoff_base_s)s > 0 THEN 'scheduled'
+            ELSE 'available' END)::conveyor.job_state,
+        run_at = conveyor.now() + make_interval(secs => least(
+            %(backoff_base_s)s * power(2, greatest(j.attempt - 1, 0)), %(backoff_max_s)s)),
+        finished_at = CASE
+            WHEN j.cancel_requested_at IS NOT NULL OR j.attempt >= j.max_attempts
+            THEN conveyor.now() END,
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'at', conveyor.now(),
+            'attempt', j.attempt,
+            'type', 'conveyor.LeaseExpired',
+            'message', format('lease expired at %%s: worker %%s stopped heartbeating',
+                              j.lease_expires_at, j.worker_id))),
+        lease_token = NULL,
+        lease_expires_at = NULL
+    FROM target
+    WHERE j.id = target.id
+      AND j.lease_token = target.token
+      AND j.state = 'running'
+      AND j.lease_expires_at < conveyor.now()
+    RETURNING j.id, j.queue, j.state::text AS state
+),
+woken AS (
+    SELECT count(pg_notify(%(channel)s, queue)) AS sent
+    FROM (SELECT DISTINCT queue FROM rescued WHERE state = 'available') AS queues
+)
+SELECT rescued.id, rescued.state FROM rescued, woken;

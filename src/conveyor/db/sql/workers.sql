@@ -1,0 +1,80 @@
+-- Queries on conveyor.workers: registry, heartbeat, remote stop.
+
+-- name: worker_register
+-- Record a new worker process incarnation.
+INSERT INTO conveyor.workers (id, host, pid, version, schema_version, queues, concurrency,
+                              started_at, heartbeat_at, stats)
+VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(schema_version)s, %(queues)s::text[],
+        %(concurrency)s, conveyor.now(), conveyor.now(), %(stats)s::jsonb)
+RETURNING *;
+
+-- name: worker_heartbeat
+-- One round trip per beat: renew the leases this worker holds, refresh its row,
+-- and read back remote signals (stop requested, jobs whose cancel was requested).
+WITH renewed AS (
+    -- Only rows whose token still matches: a lease lost to the rescuer stays lost.
+    UPDATE conveyor.jobs AS j
+    SET lease_expires_at = conveyor.now() + make_interval(secs => %(lease_s)s)
+    FROM unnest(%(job_id)s::bigint[], %(token)s::bigint[]) AS l(id, token)
+    WHERE j.id = l.id
+      AND j.lease_token = l.token
+      AND j.state = 'running'
+    RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
+),
+me AS (
+    -- A worker wrongly marked dead (a long pause) comes back to life here.
+    UPDATE conveyor.workers
+    SET heartbeat_at = conveyor.now(),
+        state = CASE WHEN state = 'dead' THEN 'running' ELSE state END,
+        running_jobs = %(running_jobs)s,
+        leaked_slots = %(leaked_slots)s,
+        stats = %(stats)s::jsonb
+    WHERE id = %(worker_id)s
+    RETURNING stop_requested_at IS NOT NULL AS stop_requested
+)
+SELECT coalesce((SELECT stop_requested FROM me), false) AS stop_requested,
+       (SELECT count(*) FROM me) = 1 AS registered,
+       coalesce((SELECT array_agg(id) FROM renewed), '{}') AS renewed,
+       coalesce((SELECT array_agg(id) FROM renewed WHERE cancel_requested), '{}') AS cancel;
+
+-- name: worker_set_state
+-- Mark this worker stopping or stopped.
+UPDATE conveyor.workers
+SET state = %(state)s::conveyor.worker_state,
+    stopped_at = CASE WHEN %(state)s::conveyor.worker_state = 'stopped' THEN conveyor.now() END,
+    heartbeat_at = conveyor.now(),
+    running_jobs = %(running_jobs)s,
+    leaked_slots = %(leaked_slots)s,
+    stats = %(stats)s::jsonb
+WHERE id = %(worker_id)s;
+
+-- name: worker_mark_dead
+-- Workers silent for longer than `dead_after_s` are dead (their leases expire on their own).
+UPDATE conveyor.workers
+SET state = 'dead'
+WHERE state IN ('running', 'stopping')
+  AND heartbeat_at < conveyor.now() - make_interval(secs => %(dead_after_s)s)
+RETURNING id;
+
+-- name: worker_request_stop
+-- Ask one worker (or every live one, when id is NULL) to drain and exit.
+WITH asked AS (
+    UPDATE conveyor.workers
+    SET stop_requested_at = coalesce(stop_requested_at, conveyor.now())
+    WHERE (%(worker_id)s::text IS NULL OR id = %(worker_id)s::text)
+      AND state IN ('running', 'stopping')
+    RETURNING id
+),
+told AS (
+    -- The heartbeat reads the flag too; NOTIFY just makes it immediate.
+    SELECT count(pg_notify(%(channel)s, json_build_object('kind', 'stop', 'worker_id', id)::text))
+    FROM asked
+)
+SELECT asked.id FROM asked, told ORDER BY asked.id;
+
+-- name: worker_list
+-- Every worker, newest first, with its heartbeat age on the database clock.
+SELECT *, extract(epoch FROM conveyor.now() - heartbeat_at)::float8 AS heartbeat_age_s
+FROM conveyor.workers
+WHERE (%(live_only)s::boolean IS FALSE OR state IN ('running', 'stopping'))
+ORDER BY started_at DESC, id;
