@@ -24,6 +24,7 @@ from typing import Any, overload
 import psycopg
 
 from conveyor.config import Config
+from conveyor.db.columns import columns
 from conveyor.db.control import control_channel
 from conveyor.db.database import Database, Row
 from conveyor.errors import InvalidJobOptions, JobNotFound, TaskNotFound, WaitTimeout
@@ -350,17 +351,10 @@ def _fields(config: Config) -> dict[str, Any]:
 
 
 def _insert_params(jobs: Sequence[EncodedJob]) -> dict[str, list[Any]]:
-    return {
-        "queue": [j.queue for j in jobs],
-        "task": [j.task for j in jobs],
-        "args": [j.args for j in jobs],
-        "priority": [j.priority for j in jobs],
-        "max_attempts": [j.max_attempts for j in jobs],
-        "run_at": [j.run_at for j in jobs],
-        "delay_s": [j.delay_s for j in jobs],
-        "timeout_ms": [j.timeout_ms for j in jobs],
-        "meta": [j.meta for j in jobs],
-    }
+    return columns(
+        jobs, "queue", "task", "args", "priority", "max_attempts", "run_at", "delay_s",
+        "timeout_ms", "meta",
+    )  # fmt: skip
 
 
 def _in_id_order(rows: list[Row]) -> list[Job]:

@@ -15,13 +15,18 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 from conveyor import App
+from conveyor.maintenance.rescuer import Rescuer, RescueReport
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_MODULE = "tests.concurrency.worker_main"
+
+RESCUE_LOCK_TIMEOUT_S = 10.0
+"""How long `rescue_once` keeps trying while a worker's own rescuer holds the lock."""
 
 POLL_S = 0.05
 """Pause between two looks at the database or the file system while waiting."""
@@ -95,6 +100,14 @@ class WorkerProcess:
         stats: dict[str, Any] = json.loads(self.stats_path.read_text())
         return stats
 
+    def pause(self) -> None:
+        """SIGSTOP: the process freezes mid-whatever, like a VM paused or a long GC."""
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused process."""
+        self.popen.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL this process if it is still running, and reap it."""
         if self.popen.poll() is None:
@@ -118,6 +131,8 @@ def start_worker(
     shutdown_grace: float = 10.0,
     lease_duration: float = 30.0,
     heartbeat_interval: float = 5.0,
+    rescue_interval: float = 5.0,
+    run_rescuer: bool = True,
 ) -> WorkerProcess:
     """Start `tests.concurrency.worker_main` on `database_url`; files go to `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +159,8 @@ def start_worker(
         f"--shutdown-grace={shutdown_grace}",
         f"--lease-duration={lease_duration}",
         f"--heartbeat-interval={heartbeat_interval}",
+        f"--rescue-interval={rescue_interval}",
+        *([] if run_rescuer else ["--no-rescuer"]),
     ]
     with paths["log"].open("wb") as log:
         popen = subprocess.Popen(
@@ -212,3 +229,26 @@ async def state_counts(app: App, ids: Sequence[int]) -> dict[str, int]:
 async def all_in_state(app: App, ids: Sequence[int], state: str) -> bool:
     """True when every job of `ids` is in `state`."""
     return (await state_counts(app, ids)).get(state, 0) == len(ids)
+
+
+async def rescue_once(app: App, timeout: float = RESCUE_LOCK_TIMEOUT_S) -> RescueReport:
+    """One rescue pass from the test process; retried while another rescuer holds the lock."""
+    rescuer = Rescuer(app.db, interval=timedelta(seconds=1), dead_after=timedelta(minutes=1))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (report := await rescuer.run_once()).ran:
+        if loop.time() > deadline:
+            raise AssertionError(f"the rescuer lock stayed taken for {timeout}s")
+        await asyncio.sleep(POLL_S)
+    return report
+
+
+async def executions(app: App, job_id: int) -> list[tuple[int, int, str]]:
+    """The recorded executions of job `job_id` as (attempt, pid, worker_id), in order."""
+    rows = await query(
+        app,
+        "SELECT attempt, pid, worker_id FROM public.executions WHERE job_id = %s"
+        " ORDER BY at, attempt",
+        [job_id],
+    )
+    return [(row["attempt"], row["pid"], row["worker_id"]) for row in rows]

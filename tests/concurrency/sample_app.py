@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-from conveyor import App, JobContext
+from conveyor import App, ExponentialBackoff, JobContext
 
 SCHEMA = "conveyor"
 
@@ -21,17 +24,28 @@ RECORD = "sample.record"
 GATE = "sample.gate"
 RENDEZVOUS = "sample.rendezvous"
 SPIN = "sample.spin"
+HOLD = "sample.hold"
+POISON = "sample.poison"
+STAMP = "sample.stamp"
+
+POISON_MAX_ATTEMPTS = 3
+STAMP_MAX_ATTEMPTS = 25
+"""Far more than a server restart can cost a job (failed writes, rescues)."""
+STAMP_RETRY = ExponentialBackoff(
+    base=timedelta(milliseconds=100), max_delay=timedelta(seconds=1), jitter=0.5
+)
 
 EXECUTIONS_DDL = """
 CREATE TABLE public.executions (
     job_id bigint NOT NULL,
     pid integer NOT NULL,
     worker_id text NOT NULL,
+    attempt integer NOT NULL,
     at timestamptz NOT NULL DEFAULT clock_timestamp()
 )
 """
-"""A side table where `record` and `rendezvous` note every execution (no unique key,
-so a duplicate execution shows up as a duplicate row)."""
+"""A side table where most sample tasks note every execution (no unique key, so a
+duplicate execution shows up as a duplicate row)."""
 
 # How often a waiting task looks again; short so tests stay quick, long enough
 # not to hammer two cores.
@@ -83,15 +97,50 @@ def build_app(database_url: str) -> App:
             time.sleep(TASK_POLL_S)
         return "stopped"
 
+    _register_crash_tasks(app)
     return app
+
+
+def _register_crash_tasks(app: App) -> None:
+    """The tasks of the crash and fault tests (test_crash.py, test_faults.py)."""
+
+    @app.task(name=HOLD)
+    async def hold(ctx: JobContext, gate: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Note this execution, block until the file `gate` exists, and say who ran it.
+
+        `{attempt}` in `gate` is replaced by the attempt's number: each attempt can
+        have its own gate."""
+        await _note_execution(ctx)
+        path = gate.format(attempt=ctx.attempt)
+        await _poll(lambda: _exists(path), timeout_s, f"gate {path}")
+        return _stamp(ctx)
+
+    @app.task(name=POISON, max_attempts=POISON_MAX_ATTEMPTS)
+    async def poison(ctx: JobContext) -> None:
+        """Note this execution, then kill the worker process running it (an OOM kill)."""
+        await _note_execution(ctx)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @app.task(name=STAMP, max_attempts=STAMP_MAX_ATTEMPTS, retry=STAMP_RETRY)
+    async def stamp(ctx: JobContext, n: int, work_s: float = 0.0) -> dict[str, Any]:
+        """Note this execution, work for `work_s`, and say which attempt of which worker
+        produced the result."""
+        await _note_execution(ctx)
+        await asyncio.sleep(work_s)
+        return {"n": n, **_stamp(ctx)}
+
+
+def _stamp(ctx: JobContext) -> dict[str, Any]:
+    return {"worker": ctx.worker_id, "attempt": ctx.attempt, "pid": os.getpid()}
 
 
 async def _note_execution(ctx: JobContext) -> None:
     pool = await ctx.app.db.pool()
     async with pool.connection() as conn:
         await conn.execute(
-            "INSERT INTO public.executions (job_id, pid, worker_id) VALUES (%s, %s, %s)",
-            (ctx.job.id, os.getpid(), ctx.worker_id),
+            "INSERT INTO public.executions (job_id, pid, worker_id, attempt)"
+            " VALUES (%s, %s, %s, %s)",
+            (ctx.job.id, os.getpid(), ctx.worker_id, ctx.attempt),
         )
 
 

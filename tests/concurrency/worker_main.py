@@ -38,6 +38,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shutdown-grace", type=float, default=10.0)
     parser.add_argument("--lease-duration", type=float, default=30.0)
     parser.add_argument("--heartbeat-interval", type=float, default=5.0)
+    parser.add_argument("--rescue-interval", type=float, default=5.0)
+    parser.add_argument(
+        "--no-rescuer", dest="run_rescuer", action="store_false", help="do not rescue leases"
+    )
     return parser.parse_args(argv)
 
 
@@ -63,6 +67,8 @@ async def _serve(args: argparse.Namespace) -> None:
         shutdown_grace=timedelta(seconds=args.shutdown_grace),
         lease_duration=timedelta(seconds=args.lease_duration),
         heartbeat_interval=timedelta(seconds=args.heartbeat_interval),
+        rescue_interval=timedelta(seconds=args.rescue_interval),
+        run_rescuer=args.run_rescuer,
     )
     worker = Worker(app, config)
 

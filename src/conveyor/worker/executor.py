@@ -33,7 +33,8 @@ from conveyor.worker.outcome import Outcome, error_record
 
 log = logging.getLogger("conveyor.worker")
 
-OnLeak = Callable[["asyncio.Future[Any]"], None]
+OnLeak = Callable[["asyncio.Future[Any]", bool], None]
+"""Called with an abandoned attempt still running, and whether it holds a thread."""
 
 
 class AttemptTimeout(TimeoutError):
@@ -143,7 +144,7 @@ async def _abandon(
     if not done:
         log.error("an attempt ignored cancellation for %s: its slot is leaked", hard_limit)
         if on_leak is not None:
-            on_leak(watched)
+            on_leak(watched, thread is not None)
     elif not watched.cancelled():
         watched.exception()  # retrieve it, so asyncio does not log "never retrieved"
 

@@ -47,6 +47,8 @@ class WorkerReport:
     running_jobs: int
     leaked_slots: int
     stats: dict[str, Any]
+    state: str = "running"
+    """running, or stopping once shutdown began."""
 
 
 class Heartbeat:
@@ -76,6 +78,7 @@ class Heartbeat:
             "token": [lease.token for lease in held],
             "lease_s": self._config.lease_duration.total_seconds(),
             "worker_id": self._worker_id,
+            "own_state": report.state,
             "running_jobs": report.running_jobs,
             "leaked_slots": report.leaked_slots,
             "stats": json.dumps(report.stats),

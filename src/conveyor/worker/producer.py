@@ -14,15 +14,19 @@ import logging
 from collections.abc import Callable, Sequence
 
 from conveyor.config import WorkerConfig
+from conveyor.db.control import jobs_channel
 from conveyor.db.database import Database, retry_delay
 from conveyor.errors import DatabaseError
 from conveyor.jobs import Job
+from conveyor.service import BackgroundService
 
 log = logging.getLogger("conveyor.worker")
 
 
-class Producer:
+class Producer(BackgroundService):
     """Claims jobs for one worker and hands them to `start_job`."""
+
+    name = "producer"
 
     def __init__(
         self,
@@ -31,22 +35,19 @@ class Producer:
         worker_id: str,
         free_slots: Callable[[], int],
         start_job: Callable[[Job, float], None],
+        held_ids: Callable[[], list[int]],
     ) -> None:
+        super().__init__()
         self._db = db
         self._config = config
         self._worker_id = worker_id
         self._free_slots = free_slots
         self._start_job = start_job
+        self._held_ids = held_ids
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = False
-        self._task: asyncio.Task[None] | None = None
         self.claims = 0
-
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        """The claiming task, for the worker to supervise."""
-        return self._task
 
     def wake(self) -> None:
         """Something may be waiting: claim at the next chance."""
@@ -55,11 +56,6 @@ class Producer:
     def slot_freed(self) -> None:
         """A running job finished: a slot is free."""
         self._slot_freed.set()
-
-    def start(self) -> None:
-        """Start claiming in the background."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="conveyor-producer")
 
     async def stop(self) -> None:
         """Stop claiming; an in-flight claim completes and its jobs start. Idempotent."""
@@ -94,6 +90,7 @@ class Producer:
                 failures += 1
                 log.warning("claim failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
+                await self._release_unheld()
                 continue
             failures = 0
             for job in jobs:
@@ -102,7 +99,28 @@ class Producer:
             # LOCKED); only an empty one says the queue is drained for now.
             queue_may_have_jobs = bool(jobs)
 
+    async def _release_unheld(self) -> None:
+        """A failed claim may still have committed: hand back what we do not hold."""
+        try:
+            rows = await self._db.fetch(
+                "release unheld claims",
+                "job_release_unheld",
+                {
+                    "worker_id": self._worker_id,
+                    "held": self._held_ids(),
+                    "channel": jobs_channel(self._db.schema),
+                },
+            )
+        except DatabaseError as exc:
+            # Still unreachable: the leases expire and the rescuer takes them back.
+            log.warning("could not release unheld claims: %s", exc)
+            return
+        if rows:
+            log.warning("released %d job(s) claimed by a lost claim", len(rows))
+
     async def _claim(self, limit: int) -> Sequence[Job]:
+        # Not idempotent: re-sending a claim whose reply was lost would strand the
+        # first claim's jobs; the caller releases them instead (_release_unheld).
         rows = await self._db.fetch(
             "claim jobs",
             "job_claim_many",
@@ -112,6 +130,7 @@ class Producer:
                 "worker_id": self._worker_id,
                 "lease_s": self._config.lease_duration.total_seconds(),
             },
+            idempotent=False,
         )
         self.claims += 1
         jobs = [Job.from_row(r) for r in rows]

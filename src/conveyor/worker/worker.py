@@ -39,6 +39,7 @@ import psycopg
 from conveyor.app import App
 from conveyor.config import WorkerConfig
 from conveyor.context import JobContext, StopReason
+from conveyor.db.columns import columns
 from conveyor.db.control import ControlSession, control_channel, jobs_channel
 from conveyor.jobs import Job
 from conveyor.maintenance.rescuer import Rescuer
@@ -99,6 +100,7 @@ class Worker:
         self.stats = WorkerStats()
         self._running: dict[int, _Running] = {}
         self._leaked: set[asyncio.Future[Any]] = set()
+        self._leaked_threads: set[asyncio.Future[Any]] = set()
         self._threads = ThreadPoolExecutor(
             max_workers=self.config.sync_threads or self.config.concurrency,
             thread_name_prefix="conveyor-task",
@@ -111,7 +113,9 @@ class Worker:
             interval=self.config.flush_interval,
             name="completer",
         )
-        self._producer = Producer(app.db, self.config, self.id, self.free_slots, self._start_job)
+        self._producer = Producer(
+            app.db, self.config, self.id, self.free_slots, self._start_job, self._held_ids
+        )
         self._heartbeat = Heartbeat(app.db, self.config, self.id, self._held, self._report)
         self._control = ControlSession(
             app.db,
@@ -134,8 +138,13 @@ class Worker:
     # -- public ------------------------------------------------------------
 
     def free_slots(self) -> int:
-        """Slots not taken by a running job."""
-        return self.config.concurrency - len(self._running)
+        """Slots not taken by a running job or by a leaked sync thread.
+
+        A leaked async attempt frees its slot (it only costs memory), but a
+        leaked thread still occupies one of the pool's `concurrency` threads: a
+        job claimed for it could not start.
+        """
+        return self.config.concurrency - len(self._running) - len(self._leaked_threads)
 
     @property
     def running_job_ids(self) -> list[int]:
@@ -370,10 +379,14 @@ class Worker:
         self.stats.started += 1
         runner.add_done_callback(functools.partial(self._finished, job.id))
 
-    def _on_leak(self, attempt: asyncio.Future[Any]) -> None:
+    def _on_leak(self, attempt: asyncio.Future[Any], in_thread: bool) -> None:
         self.stats.leaked += 1
         self._leaked.add(attempt)
         attempt.add_done_callback(self._leaked.discard)
+        if in_thread:
+            self._leaked_threads.add(attempt)
+            attempt.add_done_callback(self._leaked_threads.discard)
+            attempt.add_done_callback(lambda _: self._producer.slot_freed())
 
     def _finished(self, job_id: int, runner: asyncio.Task[Outcome | None]) -> None:
         entry = self._running.pop(job_id)
@@ -419,13 +432,16 @@ class Worker:
             "record job outcomes",
             "job_finish_many",
             {
-                "id": [o.job_id for o in outcomes],
-                "token": [o.token for o in outcomes],
-                "state": [o.state for o in outcomes],
-                "result": [o.result for o in outcomes],
-                "error": [o.error for o in outcomes],
-                "retry_in_s": [o.retry_in_s for o in outcomes],
-                "refund": [o.refund for o in outcomes],
+                **columns(
+                    outcomes,
+                    "token",
+                    "state",
+                    "result",
+                    "error",
+                    "retry_in_s",
+                    "refund",
+                    id="job_id",
+                ),
                 "channel": self._jobs_channel,
             },
         )
@@ -447,12 +463,18 @@ class Worker:
         held += [HeldLease(o.job_id, o.token) for o in self._completer.pending]
         return held
 
+    def _held_ids(self) -> list[int]:
+        return [lease.job_id for lease in self._held()]
+
     def _report(self) -> WorkerReport:
         stats: dict[str, Any] = dataclasses.asdict(self.stats)
         if self.config.extra:
             stats["labels"] = dict(self.config.extra)
         return WorkerReport(
-            running_jobs=len(self._running), leaked_slots=len(self._leaked), stats=stats
+            running_jobs=len(self._running),
+            leaked_slots=len(self._leaked),
+            stats=stats,
+            state="stopping" if self._stopped else "running",
         )
 
     async def _drain_running(self) -> None:

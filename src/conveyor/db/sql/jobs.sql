@@ -79,18 +79,23 @@ resolved AS (
     FROM outcome
 ),
 updated AS (
+    -- A pending cancel request wins over any retry (failure, snooze, shutdown
+    -- return): read from the locked row itself, so a cancel that commits while
+    -- this statement waits for the row is still seen.
     UPDATE conveyor.jobs AS j
-    SET state = r.next_state,
+    SET state = (CASE WHEN r.state = 'retry' AND j.cancel_requested_at IS NOT NULL
+                      THEN 'cancelled' ELSE r.next_state::text END)::conveyor.job_state,
         result = coalesce(r.result::jsonb, j.result),
         errors = CASE WHEN r.error IS NULL THEN j.errors
                       ELSE j.errors || jsonb_build_array(
                           jsonb_build_object('at', conveyor.now()) || r.error::jsonb)
                  END,
         attempt = CASE WHEN r.refund THEN j.attempt - 1 ELSE j.attempt END,
-        run_at = CASE WHEN r.state = 'retry'
+        run_at = CASE WHEN r.state = 'retry' AND j.cancel_requested_at IS NULL
                       THEN conveyor.now() + make_interval(secs => r.retry_in_s)
                       ELSE j.run_at END,
         finished_at = CASE WHEN r.next_state IN ('succeeded', 'failed', 'cancelled')
+                             OR j.cancel_requested_at IS NOT NULL
                            THEN conveyor.now() END,
         lease_token = NULL,
         lease_expires_at = NULL
@@ -187,3 +192,24 @@ SELECT id, outcome FROM waiting
 UNION ALL
 SELECT id, outcome FROM running, told
 ORDER BY id;
+
+-- name: job_release_unheld
+-- After a claim whose outcome is unknown (connection lost mid-statement): give
+-- back every job this worker incarnation has running in the database but not in
+-- memory. The attempt is refunded: the job never started.
+WITH released AS (
+    UPDATE conveyor.jobs
+    SET state = 'available',
+        attempt = attempt - 1,
+        lease_token = NULL,
+        lease_expires_at = NULL
+    WHERE worker_id = %(worker_id)s
+      AND state = 'running'
+      AND id <> ALL(%(held)s::bigint[])
+    RETURNING id, queue
+),
+woken AS (
+    SELECT count(pg_notify(%(channel)s, queue)) AS sent
+    FROM (SELECT DISTINCT queue FROM released) AS queues
+)
+SELECT released.id FROM released, woken;

@@ -28,7 +28,9 @@ rescued AS (
             WHEN %(backoff_base_s)s > 0 THEN 'scheduled'
             ELSE 'available' END)::conveyor.job_state,
         run_at = conveyor.now() + make_interval(secs => least(
-            %(backoff_base_s)s * power(2, greatest(j.attempt - 1, 0)), %(backoff_max_s)s)),
+            -- The exponent is clamped: 2^1024 overflows float8 long after the cap applies.
+            %(backoff_base_s)s * power(2::float8, least(greatest(j.attempt - 1, 0), 60)),
+            %(backoff_max_s)s)),
         finished_at = CASE
             WHEN j.cancel_requested_at IS NOT NULL OR j.attempt >= j.max_attempts
             THEN conveyor.now() END,

@@ -22,10 +22,12 @@ WITH renewed AS (
     RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
 ),
 me AS (
-    -- A worker wrongly marked dead (a long pause) comes back to life here.
+    -- A worker wrongly marked dead (a long pause) comes back in the state it
+    -- knows it is in (running, or stopping once its shutdown began).
     UPDATE conveyor.workers
     SET heartbeat_at = conveyor.now(),
-        state = CASE WHEN state = 'dead' THEN 'running' ELSE state END,
+        state = CASE WHEN state = 'dead' THEN %(own_state)s::conveyor.worker_state
+                     ELSE state END,
         running_jobs = %(running_jobs)s,
         leaked_slots = %(leaked_slots)s,
         stats = %(stats)s::jsonb
