@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +27,7 @@ from conveyor import (
 from conveyor.maintenance.rescuer import Rescuer
 from conveyor.testing import advance_time, drain, freeze_time
 from tests.integration.conftest import QueryDb
+from tests.waiting import wait_for_state, wait_until
 
 FROZEN = datetime(2026, 5, 4, 10, 0, tzinfo=UTC)
 FAST_POLL = timedelta(milliseconds=50)
@@ -49,31 +50,6 @@ BEATS_FAST_NO_LISTEN = WorkerConfig(
     lease_duration=timedelta(seconds=2),
     run_rescuer=False,
 )
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT_S
-) -> None:
-    """Poll `check` until it is true; fail after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def wait_for_state(app: App, job_id: int, state: str) -> Job:
-    job: Job | None = None
-
-    async def reached() -> bool:
-        nonlocal job
-        job = await app.get_job(job_id)
-        return job.state == state
-
-    await wait_until(reached, f"job {job_id} to be {state}")
-    assert job is not None
-    return job
 
 
 @asynccontextmanager

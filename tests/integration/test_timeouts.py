@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
-from conveyor import App, FixedDelay, Job, JobContext, JobState, Worker, WorkerConfig
+from conveyor import App, FixedDelay, JobContext, JobState, Worker, WorkerConfig
 from conveyor.testing import advance_time, freeze_time
+from tests.waiting import wait_for_state, wait_until
 
 FROZEN = datetime(2026, 9, 1, 6, 0, tzinfo=UTC)
 TIMEOUT_S = 0.2
@@ -32,25 +31,6 @@ def config(**overrides: object) -> WorkerConfig:
     }
     options.update(overrides)
     return WorkerConfig(**options)  # type: ignore[arg-type]
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT_S
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def wait_for_state(app: App, job_id: int, state: str) -> Job:
-    async def reached() -> bool:
-        return (await app.get_job(job_id)).state == state
-
-    await wait_until(reached, f"job {job_id} to be {state}")
-    return await app.get_job(job_id)
 
 
 @asynccontextmanager

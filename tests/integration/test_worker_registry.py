@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-import pytest
 
 import conveyor
 from conveyor import App, JobContext, JobState, Worker, WorkerConfig
@@ -17,6 +14,7 @@ from conveyor.jobs import WorkerInfo
 from conveyor.migrations.migrator import latest_version
 from conveyor.testing import advance_time, freeze_time
 from tests.integration.conftest import QueryDb
+from tests.waiting import wait_for_state, wait_until
 
 FROZEN = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 WAIT_S = 10.0
@@ -30,22 +28,8 @@ QUIET = WorkerConfig(
 )
 
 
-async def wait_until(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT_S
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def wait_running(app: App, job_id: int) -> None:
-    async def running() -> bool:
-        return (await app.get_job(job_id)).state == "running"
-
-    await wait_until(running, f"job {job_id} running")
+    await wait_for_state(app, job_id, "running")
 
 
 async def row_of(app: App, worker_id: str) -> WorkerInfo:
