@@ -28,7 +28,7 @@ from conveyor.db.columns import columns
 from conveyor.db.control import control_channel
 from conveyor.db.database import Database, Row
 from conveyor.errors import InvalidJobOptions, JobNotFound, TaskNotFound, WaitTimeout
-from conveyor.jobs import Job, WorkerInfo
+from conveyor.jobs import Job, KeyStats, WorkerInfo
 from conveyor.migrations.migrator import check_schema, migrate
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
 from conveyor.tasks import (
@@ -36,9 +36,11 @@ from conveyor.tasks import (
     DEFAULT_QUEUE,
     EncodedJob,
     JobSpec,
+    KeySource,
     Task,
     TaskFunction,
     TaskOptions,
+    check_concurrency_limit,
 )
 
 # Bulk inserts are split so one statement's arrays stay a few MB at most.
@@ -86,6 +88,8 @@ class App:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         retry: RetryPolicy = DEFAULT_RETRY,
         timeout: timedelta | float | None = None,
+        concurrency_limit: int | None = None,
+        concurrency_key: KeySource | None = None,
     ) -> Callable[[TaskFunction], Task]: ...
 
     def task(
@@ -99,12 +103,20 @@ class App:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         retry: RetryPolicy = DEFAULT_RETRY,
         timeout: timedelta | float | None = None,
+        concurrency_limit: int | None = None,
+        concurrency_key: KeySource | None = None,
     ) -> Task | Callable[[TaskFunction], Task]:
         """Register a task function (sync or async); its first parameter is the `JobContext`."""
         if isinstance(timeout, int | float):
             timeout = timedelta(seconds=timeout)
         options = TaskOptions(
-            queue=queue, priority=priority, max_attempts=max_attempts, retry=retry, timeout=timeout
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            retry=retry,
+            timeout=timeout,
+            concurrency_limit=concurrency_limit,
+            concurrency_key=concurrency_key,
         )
 
         def register(fn: TaskFunction) -> Task:
@@ -321,6 +333,21 @@ class App:
         )
         return [str(r["id"]) for r in rows]
 
+    # -- concurrency keys ---------------------------------------------------
+
+    async def keys(self, *, queue: str | None = None) -> list[KeyStats]:
+        """Per-key limits and counts (waiting, running, totals), kept by the database."""
+        rows = await self.db.fetch("list keys", "key_list", {"queue": queue})
+        return [KeyStats.from_row(r) for r in rows]
+
+    async def set_limit(self, key: str, limit: int, *, queue: str = DEFAULT_QUEUE) -> KeyStats:
+        """Change (or create) a key's limit; the next claim uses it."""
+        check_concurrency_limit(limit)
+        rows = await self.db.fetch(
+            "set key limit", "key_set_limit", {"queue": queue, "key": key, "limit": limit}
+        )
+        return KeyStats.from_row(rows[0])
+
     # -- schema and lifecycle ----------------------------------------------
 
     async def migrate(self) -> list[int]:
@@ -353,7 +380,7 @@ def _fields(config: Config) -> dict[str, Any]:
 def _insert_params(jobs: Sequence[EncodedJob]) -> dict[str, list[Any]]:
     return columns(
         jobs, "queue", "task", "args", "priority", "max_attempts", "run_at", "delay_s",
-        "timeout_ms", "meta",
+        "timeout_ms", "meta", "concurrency_key", "concurrency_limit",
     )  # fmt: skip
 
 

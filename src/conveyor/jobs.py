@@ -75,6 +75,8 @@ class Job:
     result: Any = None
     errors: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    concurrency_key: str | None = None
+    cancel_requested_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
@@ -122,3 +124,28 @@ class WorkerInfo:
 
 
 _WORKER_FIELDS = frozenset(WorkerInfo.__dataclass_fields__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyStats:
+    """One concurrency key's limit and counts, exactly as of the last commit."""
+
+    queue: str
+    key: str
+    concurrency_limit: int
+    waiting: int
+    """Jobs scheduled or available."""
+    running: int
+    total_enqueued: int
+    total_succeeded: int
+    total_failed: int
+    total_cancelled: int
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> KeyStats:
+        """Build from a `concurrency_keys` row."""
+        return cls(**{k: v for k, v in row.items() if k in _KEY_FIELDS})
+
+
+_KEY_FIELDS = frozenset(KeyStats.__dataclass_fields__)

@@ -34,6 +34,9 @@ PRIORITY_MAX = 100
 DEFAULT_MAX_ATTEMPTS = 5
 """Five attempts ride out a minute-long outage with the default backoff."""
 DEFAULT_QUEUE = "default"
+CONCURRENCY_LIMIT_MAX = 100_000
+KEY_MAX_LENGTH = 200
+KeySource = str | Callable[[Mapping[str, Any]], str]
 MAX_ATTEMPTS_LIMIT = 1_000_000
 TIMEOUT_MIN = timedelta(milliseconds=1)
 TIMEOUT_MAX = timedelta(milliseconds=2**31 - 1)
@@ -54,12 +57,20 @@ class TaskOptions:
     """Delay before the next attempt after a failure."""
     timeout: timedelta | None = None
     """Longest one attempt may run; None = no limit."""
+    concurrency_limit: int | None = None
+    """Most jobs of one concurrency key running at once, across all workers."""
+    concurrency_key: KeySource | None = None
+    """The key: a template formatted with the job's arguments (`"account:{account_id}"`)
+    or a function of them; None with a limit means the task name (one key per task)."""
 
     def __post_init__(self) -> None:
         try:
             _check_options(self.queue, self.priority, self.max_attempts, self.timeout)
+            check_concurrency_limit(self.concurrency_limit)
         except InvalidJobOptions as exc:
             raise ConfigError(f"task option: {exc}") from exc
+        if self.concurrency_key is not None and self.concurrency_limit is None:
+            raise ConfigError("task option: concurrency_key needs a concurrency_limit")
 
 
 def _check_options(queue: str, priority: int, max_attempts: int, timeout: timedelta | None) -> None:
@@ -80,6 +91,29 @@ def _check_options(queue: str, priority: int, max_attempts: int, timeout: timede
         )
 
 
+def check_concurrency_limit(limit: int | None) -> None:
+    """Raise `InvalidJobOptions` unless `limit` is None or within [1, CONCURRENCY_LIMIT_MAX]."""
+    if limit is not None and (not _is_int(limit) or not 1 <= limit <= CONCURRENCY_LIMIT_MAX):
+        raise InvalidJobOptions(
+            f"concurrency_limit must be an integer within [1, {CONCURRENCY_LIMIT_MAX}], "
+            f"got {limit!r}"
+        )
+
+
+def resolve_key(source: KeySource, args: Mapping[str, Any], task: str) -> str:
+    """The concurrency key for one job; raises `InvalidArguments` when it cannot be built."""
+    try:
+        key = source(args) if callable(source) else source.format(**args)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise InvalidArguments(f"task {task!r}: cannot build concurrency key: {exc!r}") from exc
+    if not isinstance(key, str) or not key or "\x00" in key or len(key) > KEY_MAX_LENGTH:
+        raise InvalidArguments(
+            f"task {task!r}: concurrency key must be a non-empty string of at most "
+            f"{KEY_MAX_LENGTH} characters, got {key!r}"
+        )
+    return key
+
+
 def _is_int(value: object) -> bool:
     # bool is an int subclass; priority=True is a bug, not 1.
     return isinstance(value, int) and not isinstance(value, bool)
@@ -98,10 +132,19 @@ class JobSpec:
     run_at: datetime | None = None
     timeout: timedelta | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    concurrency_key: str | None = None
+    """Jobs sharing it start in enqueue order, at most `concurrency_limit` at once."""
+    concurrency_limit: int | None = None
+    """The key's limit if this enqueue creates the key (see `App.set_limit`)."""
 
     def encode(self, max_payload_bytes: int) -> EncodedJob:
         """Validate and JSON-encode; raises a typed error for any bad value."""
         _check_options(self.queue, self.priority, self.max_attempts, self.timeout)
+        check_concurrency_limit(self.concurrency_limit)
+        if self.concurrency_key is not None:
+            if self.concurrency_limit is None:
+                raise InvalidJobOptions("concurrency_key needs a concurrency_limit")
+            resolve_key(self.concurrency_key, {}, self.task)
         if self.delay is not None and self.run_at is not None:
             raise InvalidJobOptions("give delay or run_at, not both")
         if self.delay is not None and self.delay < timedelta(0):
@@ -123,6 +166,8 @@ class JobSpec:
             delay_s=(self.delay or timedelta(0)).total_seconds(),
             timeout_ms=None if self.timeout is None else _milliseconds(self.timeout),
             meta=meta,
+            concurrency_key=self.concurrency_key,
+            concurrency_limit=self.concurrency_limit if self.concurrency_key else None,
         )
 
 
@@ -144,6 +189,8 @@ class EncodedJob:
     delay_s: float
     timeout_ms: int | None
     meta: str
+    concurrency_key: str | None
+    concurrency_limit: int | None
 
 
 def _to_json(value: Mapping[str, Any], what: str) -> str:
@@ -232,6 +279,7 @@ class TaskCall:
             priority=task.options.priority,
             max_attempts=task.options.max_attempts,
             timeout=task.options.timeout,
+            concurrency_limit=task.options.concurrency_limit,
         )
         if "task" in options or "args" in options:
             raise InvalidJobOptions("configure() takes job options; pass arguments to enqueue()")
@@ -243,7 +291,12 @@ class TaskCall:
     def job(self, **args: Any) -> JobSpec:
         """A `JobSpec` with these options and arguments (arguments are checked)."""
         self.task.check_arguments(args)
-        return replace(self._template, args=args)
+        spec = replace(self._template, args=args)
+        options = self.task.options
+        if spec.concurrency_key is None and options.concurrency_limit is not None:
+            source = options.concurrency_key or self.task.name
+            spec = replace(spec, concurrency_key=resolve_key(source, args, self.task.name))
+        return spec
 
     async def enqueue(self, **args: Any) -> Job:
         """Enqueue one job; inside `connection`'s transaction when one was given."""

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from conveyor import App, Worker, WorkerConfig
 from conveyor.cli import main as cli_main
 from conveyor.cli.main import cli
+from conveyor.migrations.migrator import latest_version
 
 SAMPLE = "tests.cli.sample_app:app"
 WAIT_S = 15.0
@@ -125,7 +126,7 @@ def test_workers_lists_live_workers_and_all_with_flag(cli_env: str) -> None:
         line = next(row for row in live.output.splitlines() if "cli-live" in row)
         assert "running" in line
         assert "default" in line
-        assert "(schema 2)" in line
+        assert f"(schema {latest_version()})" in line
         assert "cli-old" not in live.output
 
         everything = runner.invoke(cli, ["workers", "--all"])

@@ -22,7 +22,7 @@ from conveyor.app import App
 from conveyor.cli.loader import load_app
 from conveyor.config import Config, WorkerConfig
 from conveyor.errors import ConveyorError
-from conveyor.jobs import JobState, WorkerInfo
+from conveyor.jobs import JobState, KeyStats, WorkerInfo
 from conveyor.worker.worker import Worker
 
 cli = typer.Typer(
@@ -276,6 +276,68 @@ def workers_stop(
         raise _fail(ValueError(f"no live worker {worker_id!r}" if worker_id else "no live worker"))
     for stopped_id in stopped:
         console.print(f"stop requested: {stopped_id}")
+
+
+limits_cli = typer.Typer(help="Concurrency key limits.", no_args_is_help=True)
+cli.add_typer(limits_cli, name="limits")
+
+
+@limits_cli.command("set")
+def limits_set(
+    key: Annotated[str, typer.Argument(help="The concurrency key.")],
+    limit: Annotated[int, typer.Argument(help="Most jobs of the key running at once.")],
+    queue: Annotated[str, typer.Option(help="The key's queue.")] = "default",
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Change a key's concurrency limit; the next claim uses it."""
+    app = _app_from_options(database_url, schema)
+
+    async def apply() -> KeyStats:
+        try:
+            return await app.set_limit(key, limit, queue=queue)
+        finally:
+            await app.close()
+
+    stats = _run(apply)
+    console.print(
+        f"{stats.queue}/{stats.key}: limit {stats.concurrency_limit} "
+        f"({stats.running} running, {stats.waiting} waiting)"
+    )
+
+
+@cli.command()
+def stats(
+    queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Per-key statistics kept by the database: limit, waiting, running, totals."""
+    app = _app_from_options(database_url, schema)
+
+    async def read() -> list[KeyStats]:
+        try:
+            return await app.keys(queue=queue)
+        finally:
+            await app.close()
+
+    rows = _run(read)
+    table = Table(title=f"conveyor concurrency keys ({app.config.schema})")
+    columns = ("queue", "key", "limit", "waiting", "running", "enqueued", "succeeded", "failed",
+               "cancelled")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("queue", "key") else "right")
+    for k in rows:
+        table.add_row(
+            k.queue,
+            k.key,
+            *map(
+                str,
+                (k.concurrency_limit, k.waiting, k.running, k.total_enqueued, k.total_succeeded,
+                 k.total_failed, k.total_cancelled),
+            ),
+        )  # fmt: skip
+    console.print(table)
 
 
 @cli.command()

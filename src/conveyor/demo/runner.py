@@ -148,6 +148,6 @@ def _summarise(console: Console, url: str, schema: str, elapsed: float) -> None:
         retries += retried or 0
     console.print(table)
     console.print(
-        f"[bold]{total}[/] jobs in [bold]{elapsed:.1f}s[/] "
-        f"= [bold green]{total / elapsed:.0f} jobs/s[/] with {retries} retries"
+        f"[bold]{total}[/] jobs finished in [bold]{elapsed:.1f}s[/] with {retries} retries "
+        "(wall time includes the delayed jobs and retry backoffs; `make bench` measures throughput)"
     )

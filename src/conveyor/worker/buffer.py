@@ -54,11 +54,12 @@ class BatchBuffer(Generic[T]):
         """Items not yet written (a snapshot)."""
         return tuple(self._items)
 
-    def add(self, item: T) -> None:
-        """Queue `item` for the next write."""
+    def add(self, item: T, *, urgent: bool = False) -> None:
+        """Queue `item` for the next write; `urgent` writes without waiting for the interval
+        (items that arrive while that write is in flight still share the next one)."""
         self._items.append(item)
         self._has_items.set()
-        if len(self._items) >= self._size:
+        if urgent or len(self._items) >= self._size:
             self._full.set()
 
     def start(self) -> None:

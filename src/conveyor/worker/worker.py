@@ -409,7 +409,9 @@ class Worker:
             self.stats.lease_lost += 1
         else:
             self._count(outcome)
-            self._completer.add(outcome)
+            # A keyed job's slot in its key frees only when its outcome commits:
+            # waiting the flush interval would throttle every key to limit/interval.
+            self._completer.add(outcome, urgent=entry.job.concurrency_key is not None)
         self._producer.slot_freed()
         if not self._running and len(self._completer) == 0:
             self._idle.set()
@@ -445,6 +447,9 @@ class Worker:
                 "channel": self._jobs_channel,
             },
         )
+        # Written outcomes may have freed room in a concurrency key (the database
+        # count drops at this commit): claim again rather than wait for the poll.
+        self._producer.wake()
         stale = len(outcomes) - len(rows)
         if stale:
             self.stats.stale_writes += stale

@@ -9,9 +9,20 @@ WITH input AS (
     FROM unnest(
         %(queue)s::text[], %(task)s::text[], %(args)s::text[], %(priority)s::smallint[],
         %(max_attempts)s::integer[], %(run_at)s::timestamptz[], %(delay_s)s::float8[],
-        %(timeout_ms)s::integer[], %(meta)s::text[]
+        %(timeout_ms)s::integer[], %(meta)s::text[], %(concurrency_key)s::text[],
+        %(concurrency_limit)s::integer[]
     ) WITH ORDINALITY AS i(queue, task, args, priority, max_attempts, run_at, delay_s,
-                           timeout_ms, meta, ord)
+                           timeout_ms, meta, concurrency_key, concurrency_limit, ord)
+),
+new_keys AS (
+    -- A key's limit is set by its first enqueue; later changes go through
+    -- `conveyor limits set` (key_set_limit), which an enqueue never overrides.
+    INSERT INTO conveyor.concurrency_keys (queue, key, concurrency_limit)
+    SELECT DISTINCT ON (queue, concurrency_key) queue, concurrency_key, concurrency_limit
+    FROM input
+    WHERE concurrency_key IS NOT NULL
+    ORDER BY queue, concurrency_key
+    ON CONFLICT (queue, key) DO NOTHING
 ),
 timed AS (
     -- An explicit run_at wins; otherwise now + delay on the database clock.
@@ -19,26 +30,29 @@ timed AS (
     FROM input
 )
 INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run_at,
-                           created_at, timeout_ms, meta)
+                           created_at, timeout_ms, meta, concurrency_key)
 SELECT queue, task, args::jsonb,
        (CASE WHEN due > conveyor.now() THEN 'scheduled' ELSE 'available' END)::conveyor.job_state,
-       priority, max_attempts, due, conveyor.now(), timeout_ms, meta::jsonb
+       priority, max_attempts, due, conveyor.now(), timeout_ms, meta::jsonb, concurrency_key
 FROM timed
 ORDER BY ord
 RETURNING *;
 
 -- name: job_claim_many
--- Claim up to `limit` due jobs for one worker: highest priority, then oldest run time, then id.
-WITH candidates AS (
+-- Claim up to `limit` due jobs for one worker. Unkeyed jobs: highest priority,
+-- then oldest run time, then id. Keyed jobs: strict id (enqueue) order within
+-- their key, and never more running than the key's limit across all workers.
+WITH unkeyed AS (
     -- Per queue, an ordered walk of jobs_claim_idx that stops after `limit` rows
     -- (queue = ANY(...) would force a sort of every due job); SKIP LOCKED lets
     -- concurrent claimers take disjoint rows without waiting.
-    SELECT picked.id, picked.priority, picked.run_at
+    SELECT picked.*
     FROM unnest(%(queues)s::text[]) AS q(name)
     CROSS JOIN LATERAL (
         SELECT id, priority, run_at
         FROM conveyor.jobs
         WHERE state IN ('scheduled', 'available')
+          AND concurrency_key IS NULL
           AND queue = q.name
           AND run_at <= conveyor.now()
         ORDER BY priority DESC, run_at, id
@@ -46,9 +60,56 @@ WITH candidates AS (
         FOR UPDATE SKIP LOCKED
     ) AS picked
 ),
+free_keys AS (
+    -- Keys with room and waiting work, least recently served first. Locking the
+    -- key row makes this claimer the only one starting jobs of that key, so the
+    -- running count read here cannot go stale before this statement commits.
+    SELECT queue, key, concurrency_limit - running AS free
+    FROM conveyor.concurrency_keys
+    WHERE queue = ANY(%(queues)s::text[])
+      AND waiting > 0
+      AND running < concurrency_limit
+    ORDER BY updated_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+keyed AS (
+    -- The first `free` due jobs of each key, by id. Under the key lock no other
+    -- claimer touches them; the only other statement that locks waiting jobs is a
+    -- cancel, which ends them: skipping its rows keeps FIFO, and waiting for them
+    -- would deadlock (the cancel's trigger then waits for this key row).
+    SELECT picked.*, fk.key
+    FROM free_keys AS fk
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at
+        FROM conveyor.jobs
+        WHERE state IN ('scheduled', 'available')
+          AND queue = fk.queue
+          AND concurrency_key = fk.key
+          AND run_at <= conveyor.now()
+        ORDER BY id
+        LIMIT fk.free
+        FOR UPDATE SKIP LOCKED
+    ) AS picked
+),
+candidates AS (
+    -- Keyed jobs sort as a block behind their key's head, so the final LIMIT
+    -- can only cut a key's tail, never take a later job before an earlier one.
+    SELECT id, priority AS sort_priority, run_at AS sort_run_at, id AS sort_id, 0 AS rank
+    FROM unkeyed
+    UNION ALL
+    SELECT id,
+           first_value(priority) OVER w,
+           first_value(run_at) OVER w,
+           first_value(id) OVER w,
+           row_number() OVER w
+    FROM keyed
+    WINDOW w AS (PARTITION BY key ORDER BY id)
+),
 chosen AS (
-    -- Across queues, the same order; rows locked but not chosen unlock at commit.
-    SELECT id FROM candidates ORDER BY priority DESC, run_at, id LIMIT %(limit)s
+    SELECT id FROM candidates
+    ORDER BY sort_priority DESC, sort_run_at, sort_id, rank
+    LIMIT %(limit)s
 )
 UPDATE conveyor.jobs AS j
 SET state = 'running',
@@ -59,6 +120,7 @@ SET state = 'running',
     worker_id = %(worker_id)s
 FROM chosen
 WHERE j.id = chosen.id
+  AND j.state IN ('scheduled', 'available')
 RETURNING j.*;
 
 -- name: job_finish_many
@@ -103,13 +165,17 @@ updated AS (
     WHERE j.id = r.id
       AND j.lease_token = r.token
       AND j.state = 'running'
-    RETURNING j.id, j.queue, j.state
+    RETURNING j.id, j.queue, j.state, j.concurrency_key
 ),
 woken AS (
-    -- Jobs handed straight back (retry without delay, shutdown return) wake
-    -- listeners at once instead of waiting for their poll.
+    -- Jobs handed straight back (retry without delay, shutdown return), and
+    -- keyed jobs whose end frees room in their key, wake listeners at once
+    -- instead of leaving the next job to their poll.
     SELECT count(pg_notify(%(channel)s, queue)) AS sent
-    FROM (SELECT DISTINCT queue FROM updated WHERE state = 'available') AS queues
+    FROM (
+        SELECT DISTINCT queue FROM updated
+        WHERE state = 'available' OR concurrency_key IS NOT NULL
+    ) AS queues
 )
 SELECT updated.id FROM updated, woken;
 
@@ -213,3 +279,17 @@ woken AS (
     FROM (SELECT DISTINCT queue FROM released) AS queues
 )
 SELECT released.id FROM released, woken;
+
+-- name: key_list
+-- Per-key counts and limits, for `conveyor stats` and the API.
+SELECT * FROM conveyor.concurrency_keys
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+ORDER BY queue, key;
+
+-- name: key_set_limit
+-- Change a key's limit at runtime; the next claim uses it.
+INSERT INTO conveyor.concurrency_keys (queue, key, concurrency_limit)
+VALUES (%(queue)s, %(key)s, %(limit)s)
+ON CONFLICT (queue, key) DO UPDATE
+SET concurrency_limit = excluded.concurrency_limit, updated_at = statement_timestamp()
+RETURNING *;
