@@ -284,8 +284,8 @@ class App:
         """Cancel one job and return it.
 
         A waiting job ends `cancelled` at once and never runs. A running job gets
-        a cancel request: its worker hears it within about a second (NOTIFY, with
-        the heartbeat as fallback), stops the attempt and records `cancelled`.
+        a cancel request: its worker hears it at once through NOTIFY (or at its next
+        heartbeat when it does not listen), stops the attempt and records `cancelled`.
         A finished job is returned unchanged. Raises `JobNotFound`.
         """
         await self.cancel_many(ids=[job_id], reason=reason)

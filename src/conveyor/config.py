@@ -39,7 +39,7 @@ class Config:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     """Largest encoded job arguments accepted by enqueue, in bytes."""
     pool_size: int = 3
-    """Most connections the App's pool opens (the worker's listener is extra)."""
+    """Most connections the App's pool opens (a worker adds one control-session connection)."""
     connect_timeout: timedelta = timedelta(seconds=10)
     """How long to wait for a new connection before failing."""
     statement_retries: int = 5

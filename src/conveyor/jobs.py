@@ -4,25 +4,28 @@ r"""Job records and the job state machine.
    enqueue with a delay            enqueue
           |                           |
           v                           v
-    [scheduled] ---------------> [available] <---------------------------+
-          |      (claimable once      |                                  |
-          |       run_at is due)      | claim: attempt + 1, new lease    | retry with no delay,
-          +-------------+-------------+  token (job_claim_many)          | shutdown return
-                        v                                                |
-                    [running] --- retry / snooze with a delay --> [scheduled]
-                    /   |   \
-          success  /    |    \  failure at max attempts
-                  v     |     v
-         [succeeded]    |   [failed]
-                        v
-                  [cancelled]  (the task raised Cancel)
+    [scheduled] ---------------> [available] <------------------------------+
+       |  |      (claimable once      |                                     |
+       |  |       run_at is due)      | claim: attempt + 1, new lease        | retry without delay,
+       |  +-------------+------------+   token (job_claim_many)             | shutdown return,
+       |                v                                                   | lost-claim release
+       |            [running] --- retry / snooze with a delay,              |
+       |            /  |  |  \     rescue of an expired lease --> [scheduled]
+       |  success  /   |  |   \  failure at max attempts (or rescue past it)
+       |          v    |  |    v
+       |  [succeeded]  |  |  [failed]
+       |               |  |
+       | cancel        |  | Cancel raised, or a cancel request seen by the
+       v               v  v worker, the rescuer, a retry or a release
+ [cancelled] <----------------
 ```
 
 A due `scheduled` job is claimed directly (no promotion step): the claim
-index orders by priority, run time and id whatever the waiting state.
-`succeeded`, `failed` and `cancelled` are terminal: nothing changes them again.
-A running job holds a lease (expiry + fencing token); only a write carrying the
-current token may move it on (job_finish_many, lease_extend_many).
+indexes order waiting jobs whatever the waiting state. `succeeded`, `failed`
+and `cancelled` are terminal: nothing changes them again. A running job holds
+a lease (expiry + fencing token); only a write carrying the current token may
+move it on (job_finish_many, worker_heartbeat, job_rescue_many re-checks it).
+A cancel request on a running job wins over any later retry.
 """
 
 from __future__ import annotations

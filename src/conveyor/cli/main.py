@@ -123,10 +123,16 @@ def _exit_despite_stuck_threads() -> None:
         thread.join(timeout=0.2)  # idle pool threads exit on their own at once
     stuck = [t for t in pool_threads if t.is_alive()]
     if stuck:
-        err_console.print(f"worker stopped; abandoning {len(stuck)} sync task thread(s)")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _exit_now(f"worker stopped; abandoning {len(stuck)} sync task thread(s)")
+
+
+def _exit_now(message: str) -> None:
+    """Exit 0 at once: everything was flushed, only abandoned attempts remain."""
+    err_console.print(message)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 async def _work(app: App, config: WorkerConfig) -> None:
@@ -138,6 +144,10 @@ async def _work(app: App, config: WorkerConfig) -> None:
         await runner.run()
     finally:
         await app.close()
+    if runner.leaked_slots:
+        # An attempt that ignores cancellation would keep asyncio.run (which waits
+        # for every task) or the interpreter (which joins threads) from exiting.
+        _exit_now(f"worker stopped; abandoning {runner.leaked_slots} leaked attempt(s)")
 
 
 @cli.command()

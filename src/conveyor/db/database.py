@@ -75,7 +75,7 @@ class Database:
         return self.config.schema
 
     def connect_kwargs(self, application_name: str = "conveyor") -> dict[str, Any]:
-        """Keyword arguments for a dedicated connection (listener, locks)."""
+        """Keyword arguments for a dedicated connection (the control session, locks)."""
         return connection_kwargs(self.config, application_name=application_name)
 
     # -- async -------------------------------------------------------------

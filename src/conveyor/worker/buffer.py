@@ -34,12 +34,15 @@ class BatchBuffer(Generic[T]):
         size: int,
         interval: timedelta,
         name: str,
+        on_written: Callable[[], None] | None = None,
     ) -> None:
         self._write = write
         self._size = size
         self._interval = interval.total_seconds()
         self._name = name
+        self._on_written = on_written
         self._items: list[T] = []
+        self._in_flight: list[T] = []
         self._has_items = asyncio.Event()
         self._full = asyncio.Event()
         self._stopping = False
@@ -47,12 +50,12 @@ class BatchBuffer(Generic[T]):
         self._failures = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._in_flight) + len(self._items)
 
     @property
     def pending(self) -> Sequence[T]:
-        """Items not yet written (a snapshot)."""
-        return tuple(self._items)
+        """Items not yet written, including a batch whose write is in flight (a snapshot)."""
+        return (*self._in_flight, *self._items)
 
     def add(self, item: T, *, urgent: bool = False) -> None:
         """Queue `item` for the next write; `urgent` writes without waiting for the interval
@@ -108,6 +111,7 @@ class BatchBuffer(Generic[T]):
 
     async def _flush_once(self) -> bool:
         batch, self._items = self._items[: self._size], self._items[self._size :]
+        self._in_flight = batch
         try:
             await self._write(batch)
         except Exception:
@@ -115,5 +119,9 @@ class BatchBuffer(Generic[T]):
             self._failures += 1
             log.exception("%s: write of %d items failed; will retry", self._name, len(batch))
             return False
+        finally:
+            self._in_flight = []
         self._failures = 0
+        if self._on_written is not None:
+            self._on_written()
         return True

@@ -53,6 +53,9 @@ from conveyor.worker.producer import Producer
 log = logging.getLogger("conveyor.worker")
 
 WATCHDOG_PERIOD_S = 0.5
+ABANDONED_MEMORY = 10_000
+"""Lease-lost jobs remembered so a claim release never refunds them; far more than
+a worker abandons between two rescues."""
 
 
 @dataclass
@@ -101,6 +104,8 @@ class Worker:
         self._running: dict[int, _Running] = {}
         self._leaked: set[asyncio.Future[Any]] = set()
         self._leaked_threads: set[asyncio.Future[Any]] = set()
+        self._abandoned: dict[int, None] = {}
+        """Jobs abandoned after a lost lease (insertion-ordered, bounded)."""
         self._threads = ThreadPoolExecutor(
             max_workers=self.config.sync_threads or self.config.concurrency,
             thread_name_prefix="conveyor-task",
@@ -112,6 +117,7 @@ class Worker:
             size=self.config.flush_size,
             interval=self.config.flush_interval,
             name="completer",
+            on_written=self._after_write,
         )
         self._producer = Producer(
             app.db, self.config, self.id, self.free_slots, self._start_job, self._held_ids
@@ -253,6 +259,7 @@ class Worker:
                 "schema_version": latest_version(),
                 "queues": list(self.config.queues),
                 "concurrency": self.config.concurrency,
+                "state": self._report().state,
                 "stats": json.dumps(self._report().stats),
             },
         )
@@ -354,6 +361,10 @@ class Worker:
         entry = self._running.get(job_id)
         if entry is None or entry.ctx.stop_reason is not None:
             return
+        if reason == "lease_lost":
+            self._abandoned[job_id] = None
+            while len(self._abandoned) > ABANDONED_MEMORY:
+                del self._abandoned[next(iter(self._abandoned))]
         entry.ctx.request_stop(reason)
         entry.task.cancel()
 
@@ -447,15 +458,17 @@ class Worker:
                 "channel": self._jobs_channel,
             },
         )
-        # Written outcomes may have freed room in a concurrency key (the database
-        # count drops at this commit): claim again rather than wait for the poll.
-        self._producer.wake()
         stale = len(outcomes) - len(rows)
         if stale:
             self.stats.stale_writes += stale
             log.warning(
                 "worker %s: %d outcome(s) refused: lease token no longer current", self.id, stale
             )
+
+    def _after_write(self) -> None:
+        # Written outcomes may have freed room in a concurrency key (the database
+        # count drops at that commit): claim again rather than wait for the poll.
+        self._producer.wake()
         if not self._running and len(self._completer) == 0:
             self._idle.set()
 
@@ -469,7 +482,12 @@ class Worker:
         return held
 
     def _held_ids(self) -> list[int]:
-        return [lease.job_id for lease in self._held()]
+        """Jobs this incarnation holds or started: a release must not refund them.
+
+        Attempts abandoned after a lost lease did start; they are left to the
+        rescuer, which counts the attempt, so an attempt number is never reused.
+        """
+        return [lease.job_id for lease in self._held()] + list(self._abandoned)
 
     def _report(self) -> WorkerReport:
         stats: dict[str, Any] = dataclasses.asdict(self.stats)

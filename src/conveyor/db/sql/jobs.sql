@@ -261,11 +261,15 @@ ORDER BY id;
 
 -- name: job_release_unheld
 -- After a claim whose outcome is unknown (connection lost mid-statement): give
--- back every job this worker incarnation has running in the database but not in
--- memory. The attempt is refunded: the job never started.
+-- back every job this worker incarnation has running in the database but never
+-- started (`held` lists every job it holds or started). The attempt is refunded;
+-- a pending cancel request wins.
 WITH released AS (
     UPDATE conveyor.jobs
-    SET state = 'available',
+    SET state = (CASE WHEN cancel_requested_at IS NULL THEN 'available'
+                      ELSE 'cancelled' END)::conveyor.job_state,
+        finished_at = CASE WHEN cancel_requested_at IS NULL THEN NULL
+                           ELSE conveyor.now() END,
         attempt = attempt - 1,
         lease_token = NULL,
         lease_expires_at = NULL

@@ -3,9 +3,11 @@
 -- name: worker_register
 -- Record a new worker process incarnation.
 INSERT INTO conveyor.workers (id, host, pid, version, schema_version, queues, concurrency,
-                              started_at, heartbeat_at, stats)
+                              state, started_at, heartbeat_at, stats)
 VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(schema_version)s, %(queues)s::text[],
-        %(concurrency)s, conveyor.now(), conveyor.now(), %(stats)s::jsonb)
+        %(concurrency)s, %(state)s::conveyor.worker_state, conveyor.now(), conveyor.now(),
+        %(stats)s::jsonb)
+ON CONFLICT (id) DO NOTHING
 RETURNING *;
 
 -- name: worker_heartbeat
