@@ -17,7 +17,9 @@ done = await app.wait(job.id, timeout=10)   # done.state == "succeeded", done.re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, overload
 
@@ -27,7 +29,14 @@ from conveyor.config import Config
 from conveyor.db.columns import columns
 from conveyor.db.control import control_channel
 from conveyor.db.database import Database, Row
-from conveyor.errors import InvalidJobOptions, JobNotFound, TaskNotFound, WaitTimeout
+from conveyor.errors import (
+    DatabaseError,
+    InvalidJobOptions,
+    JobNotFound,
+    QueueFull,
+    TaskNotFound,
+    WaitTimeout,
+)
 from conveyor.jobs import Job, KeyStats, WorkerInfo
 from conveyor.migrations.migrator import check_schema, migrate
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
@@ -90,6 +99,7 @@ class App:
         timeout: timedelta | float | None = None,
         concurrency_limit: int | None = None,
         concurrency_key: KeySource | None = None,
+        max_queue_length: int | None = None,
     ) -> Callable[[TaskFunction], Task]: ...
 
     def task(
@@ -105,6 +115,7 @@ class App:
         timeout: timedelta | float | None = None,
         concurrency_limit: int | None = None,
         concurrency_key: KeySource | None = None,
+        max_queue_length: int | None = None,
     ) -> Task | Callable[[TaskFunction], Task]:
         """Register a task function (sync or async); its first parameter is the `JobContext`."""
         if isinstance(timeout, int | float):
@@ -117,6 +128,7 @@ class App:
             timeout=timeout,
             concurrency_limit=concurrency_limit,
             concurrency_key=concurrency_key,
+            max_queue_length=max_queue_length,
         )
 
         def register(fn: TaskFunction) -> Task:
@@ -208,13 +220,14 @@ class App:
         rows: list[Row] = []
         for start in range(0, len(jobs), INSERT_CHUNK):
             chunk = jobs[start : start + INSERT_CHUNK]
-            rows += await self.db.fetch(
-                "enqueue jobs",
-                "job_insert_many",
-                _insert_params(chunk),
-                conn=conn,
-                idempotent=False,
-            )
+            with _queue_full_as_typed_error():
+                rows += await self.db.fetch(
+                    "enqueue jobs",
+                    "job_insert_many",
+                    _insert_params(chunk),
+                    conn=conn,
+                    idempotent=False,
+                )
         return _in_id_order(rows)
 
     def _insert_sync(
@@ -223,13 +236,14 @@ class App:
         rows: list[Row] = []
         for start in range(0, len(jobs), INSERT_CHUNK):
             chunk = jobs[start : start + INSERT_CHUNK]
-            rows += self.db.fetch_sync(
-                "enqueue jobs",
-                "job_insert_many",
-                _insert_params(chunk),
-                conn=conn,
-                idempotent=False,
-            )
+            with _queue_full_as_typed_error():
+                rows += self.db.fetch_sync(
+                    "enqueue jobs",
+                    "job_insert_many",
+                    _insert_params(chunk),
+                    conn=conn,
+                    idempotent=False,
+                )
         return _in_id_order(rows)
 
     # -- read --------------------------------------------------------------
@@ -373,6 +387,24 @@ class App:
         await self.close()
 
 
+QUEUE_FULL_SQLSTATE = "CVQ01"
+"""Raised by `<schema>.prepare_keys` (migration 0004) when a key's cap would be passed."""
+
+
+@contextmanager
+def _queue_full_as_typed_error() -> Iterator[None]:
+    try:
+        yield
+    except DatabaseError as exc:
+        cause = exc.__cause__
+        if exc.sqlstate != QUEUE_FULL_SQLSTATE or not isinstance(cause, psycopg.Error):
+            raise
+        detail = json.loads(cause.diag.message_detail or "{}")
+        raise QueueFull(
+            detail["queue"], detail["key"], detail["waiting"], detail["incoming"], detail["cap"]
+        ) from None
+
+
 def _fields(config: Config) -> dict[str, Any]:
     return {name: getattr(config, name) for name in config.__dataclass_fields__}
 
@@ -380,7 +412,7 @@ def _fields(config: Config) -> dict[str, Any]:
 def _insert_params(jobs: Sequence[EncodedJob]) -> dict[str, list[Any]]:
     return columns(
         jobs, "queue", "task", "args", "priority", "max_attempts", "run_at", "delay_s",
-        "timeout_ms", "meta", "concurrency_key", "concurrency_limit",
+        "timeout_ms", "meta", "concurrency_key", "concurrency_limit", "max_queue_length",
     )  # fmt: skip
 
 

@@ -56,7 +56,21 @@ class PayloadTooLarge(ConveyorError):
 
 
 class QueueFull(ConveyorError):
-    """Raised when an enqueue would push a queue past its cap; nothing is written."""
+    """Raised when an enqueue would push a concurrency key past its `max_queue_length`.
+
+    Nothing of the enqueue is written (a bulk enqueue is all or nothing).
+    """
+
+    def __init__(self, queue: str, key: str, waiting: int, incoming: int, cap: int) -> None:
+        super().__init__(
+            f"queue full: key {key!r} in queue {queue!r} has {waiting} waiting job(s) "
+            f"and a cap of {cap}; refusing {incoming} more"
+        )
+        self.queue = queue
+        self.key = key
+        self.waiting = waiting
+        self.incoming = incoming
+        self.cap = cap
 
 
 class JobNotFound(ConveyorError):

@@ -35,6 +35,7 @@ DEFAULT_MAX_ATTEMPTS = 5
 """Five attempts ride out a minute-long outage with the default backoff."""
 DEFAULT_QUEUE = "default"
 CONCURRENCY_LIMIT_MAX = 100_000
+QUEUE_LENGTH_MAX = 2**31 - 1
 KEY_MAX_LENGTH = 200
 KeySource = str | Callable[[Mapping[str, Any]], str]
 MAX_ATTEMPTS_LIMIT = 1_000_000
@@ -62,6 +63,8 @@ class TaskOptions:
     concurrency_key: KeySource | None = None
     """The key: a template formatted with the job's arguments (`"account:{account_id}"`)
     or a function of them; None with a limit means the task name (one key per task)."""
+    max_queue_length: int | None = None
+    """Most jobs of one key waiting at once; an enqueue past it raises `QueueFull`."""
 
     def __post_init__(self) -> None:
         try:
@@ -71,6 +74,7 @@ class TaskOptions:
             raise ConfigError(f"task option: {exc}") from exc
         if self.concurrency_key is not None and self.concurrency_limit is None:
             raise ConfigError("task option: concurrency_key needs a concurrency_limit")
+        _check_cap_options(self.max_queue_length, self.concurrency_limit, ConfigError)
 
 
 def _check_options(queue: str, priority: int, max_attempts: int, timeout: timedelta | None) -> None:
@@ -98,6 +102,19 @@ def check_concurrency_limit(limit: int | None) -> None:
             f"concurrency_limit must be an integer within [1, {CONCURRENCY_LIMIT_MAX}], "
             f"got {limit!r}"
         )
+
+
+def _check_cap_options(
+    cap: int | None, limit: int | None, error: type[ConfigError | InvalidJobOptions]
+) -> None:
+    if cap is None:
+        return
+    if not _is_int(cap) or not 1 <= cap <= QUEUE_LENGTH_MAX:
+        raise error(
+            f"max_queue_length must be an integer within [1, {QUEUE_LENGTH_MAX}], got {cap!r}"
+        )
+    if limit is None:
+        raise error("max_queue_length applies per concurrency key: it needs a concurrency_limit")
 
 
 def resolve_key(source: KeySource, args: Mapping[str, Any], task: str) -> str:
@@ -136,11 +153,14 @@ class JobSpec:
     """Jobs sharing it start in enqueue order, at most `concurrency_limit` at once."""
     concurrency_limit: int | None = None
     """The key's limit if this enqueue creates the key (see `App.set_limit`)."""
+    max_queue_length: int | None = None
+    """The key's cap if this enqueue creates the key."""
 
     def encode(self, max_payload_bytes: int) -> EncodedJob:
         """Validate and JSON-encode; raises a typed error for any bad value."""
         _check_options(self.queue, self.priority, self.max_attempts, self.timeout)
         check_concurrency_limit(self.concurrency_limit)
+        _check_cap_options(self.max_queue_length, self.concurrency_limit, InvalidJobOptions)
         if self.concurrency_key is not None:
             if self.concurrency_limit is None:
                 raise InvalidJobOptions("concurrency_key needs a concurrency_limit")
@@ -168,6 +188,7 @@ class JobSpec:
             meta=meta,
             concurrency_key=self.concurrency_key,
             concurrency_limit=self.concurrency_limit if self.concurrency_key else None,
+            max_queue_length=self.max_queue_length if self.concurrency_key else None,
         )
 
 
@@ -191,6 +212,7 @@ class EncodedJob:
     meta: str
     concurrency_key: str | None
     concurrency_limit: int | None
+    max_queue_length: int | None
 
 
 def _to_json(value: Mapping[str, Any], what: str) -> str:
@@ -280,6 +302,7 @@ class TaskCall:
             max_attempts=task.options.max_attempts,
             timeout=task.options.timeout,
             concurrency_limit=task.options.concurrency_limit,
+            max_queue_length=task.options.max_queue_length,
         )
         if "task" in options or "args" in options:
             raise InvalidJobOptions("configure() takes job options; pass arguments to enqueue()")

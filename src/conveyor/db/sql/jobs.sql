@@ -10,19 +10,24 @@ WITH input AS (
         %(queue)s::text[], %(task)s::text[], %(args)s::text[], %(priority)s::smallint[],
         %(max_attempts)s::integer[], %(run_at)s::timestamptz[], %(delay_s)s::float8[],
         %(timeout_ms)s::integer[], %(meta)s::text[], %(concurrency_key)s::text[],
-        %(concurrency_limit)s::integer[]
+        %(concurrency_limit)s::integer[], %(max_queue_length)s::integer[]
     ) WITH ORDINALITY AS i(queue, task, args, priority, max_attempts, run_at, delay_s,
-                           timeout_ms, meta, concurrency_key, concurrency_limit, ord)
+                           timeout_ms, meta, concurrency_key, concurrency_limit,
+                           max_queue_length, ord)
 ),
-new_keys AS (
-    -- A key's limit is set by its first enqueue; later changes go through
-    -- `conveyor limits set` (key_set_limit), which an enqueue never overrides.
-    INSERT INTO conveyor.concurrency_keys (queue, key, concurrency_limit)
-    SELECT DISTINCT ON (queue, concurrency_key) queue, concurrency_key, concurrency_limit
-    FROM input
-    WHERE concurrency_key IS NOT NULL
-    ORDER BY queue, concurrency_key
-    ON CONFLICT (queue, key) DO NOTHING
+keys_ready AS (
+    -- Create the batch's keys, lock them, and refuse the whole batch (SQLSTATE
+    -- CVQ01) if one would pass its cap: all or nothing.
+    SELECT conveyor.prepare_keys(
+        array_agg(queue), array_agg(key), array_agg(lim), array_agg(cap), array_agg(n)
+    ) AS ready
+    FROM (
+        SELECT queue, concurrency_key AS key, min(concurrency_limit) AS lim,
+               min(max_queue_length) AS cap, count(*)::integer AS n
+        FROM input
+        WHERE concurrency_key IS NOT NULL
+        GROUP BY queue, concurrency_key
+    ) AS per_key
 ),
 timed AS (
     -- An explicit run_at wins; otherwise now + delay on the database clock.
@@ -34,7 +39,8 @@ INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run
 SELECT queue, task, args::jsonb,
        (CASE WHEN due > conveyor.now() THEN 'scheduled' ELSE 'available' END)::conveyor.job_state,
        priority, max_attempts, due, conveyor.now(), timeout_ms, meta::jsonb, concurrency_key
-FROM timed
+FROM timed, keys_ready
+WHERE keys_ready.ready
 ORDER BY ord
 RETURNING *;
 
