@@ -50,6 +50,7 @@ from conveyor.tasks import (
     TaskFunction,
     TaskOptions,
     check_concurrency_limit,
+    check_key,
 )
 
 # Bulk inserts are split so one statement's arrays stay a few MB at most.
@@ -356,6 +357,9 @@ class App:
 
     async def set_limit(self, key: str, limit: int, *, queue: str = DEFAULT_QUEUE) -> KeyStats:
         """Change (or create) a key's limit; the next claim uses it."""
+        check_key(key)
+        if limit is None:
+            raise InvalidJobOptions("concurrency_limit must be an integer >= 1, got None")
         check_concurrency_limit(limit)
         rows = await self.db.fetch(
             "set key limit", "key_set_limit", {"queue": queue, "key": key, "limit": limit}

@@ -123,12 +123,18 @@ def resolve_key(source: KeySource, args: Mapping[str, Any], task: str) -> str:
         key = source(args) if callable(source) else source.format(**args)
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
         raise InvalidArguments(f"task {task!r}: cannot build concurrency key: {exc!r}") from exc
-    if not isinstance(key, str) or not key or "\x00" in key or len(key) > KEY_MAX_LENGTH:
-        raise InvalidArguments(
-            f"task {task!r}: concurrency key must be a non-empty string of at most "
-            f"{KEY_MAX_LENGTH} characters, got {key!r}"
-        )
+    check_key(key, task)
     return key
+
+
+def check_key(key: object, task: str = "") -> None:
+    """Raise `InvalidArguments` unless `key` is a usable concurrency key (stored verbatim)."""
+    if not isinstance(key, str) or not key or "\x00" in key or len(key) > KEY_MAX_LENGTH:
+        where = f"task {task!r}: " if task else ""
+        raise InvalidArguments(
+            f"{where}concurrency key must be a non-empty string of at most "
+            f"{KEY_MAX_LENGTH} characters without NUL, got {key!r}"
+        )
 
 
 def _is_int(value: object) -> bool:
@@ -164,7 +170,7 @@ class JobSpec:
         if self.concurrency_key is not None:
             if self.concurrency_limit is None:
                 raise InvalidJobOptions("concurrency_key needs a concurrency_limit")
-            resolve_key(self.concurrency_key, {}, self.task)
+            check_key(self.concurrency_key, self.task)
         if self.delay is not None and self.run_at is not None:
             raise InvalidJobOptions("give delay or run_at, not both")
         if self.delay is not None and self.delay < timedelta(0):

@@ -13,8 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -133,8 +133,10 @@ def start_worker(
     heartbeat_interval: float = 5.0,
     rescue_interval: float = 5.0,
     run_rescuer: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> WorkerProcess:
-    """Start `tests.concurrency.worker_main` on `database_url`; files go to `workdir`."""
+    """Start `tests.concurrency.worker_main` on `database_url`; files go to `workdir`;
+    `env` adds environment variables (read by the sample tasks)."""
     workdir.mkdir(parents=True, exist_ok=True)
     paths = {kind: workdir / f"{name}.{kind}" for kind in ("log", "ready", "stopping", "stats")}
     for path in paths.values():
@@ -146,6 +148,7 @@ def start_worker(
             p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
         ),
         "PYTHONUNBUFFERED": "1",
+        **(env or {}),
     }
     command = [
         sys.executable,
@@ -252,3 +255,70 @@ async def executions(app: App, job_id: int) -> list[tuple[int, int, str]]:
         [job_id],
     )
     return [(row["attempt"], row["pid"], row["worker_id"]) for row in rows]
+
+
+KeyCounts = dict[tuple[str, str], dict[str, int]]
+"""Per (queue, concurrency key): waiting, running and the totals."""
+
+KEY_COUNT_FIELDS = (
+    "waiting",
+    "running",
+    "total_enqueued",
+    "total_succeeded",
+    "total_failed",
+    "total_cancelled",
+)
+
+_RECOUNT_SQL = """
+SELECT queue, concurrency_key AS key,
+       count(*) FILTER (WHERE state IN ('scheduled', 'available')) AS waiting,
+       count(*) FILTER (WHERE state = 'running') AS running,
+       count(*) AS total_enqueued,
+       count(*) FILTER (WHERE state = 'succeeded') AS total_succeeded,
+       count(*) FILTER (WHERE state = 'failed') AS total_failed,
+       count(*) FILTER (WHERE state = 'cancelled') AS total_cancelled
+FROM conveyor.jobs
+WHERE concurrency_key IS NOT NULL
+GROUP BY queue, concurrency_key
+"""
+
+
+def _as_counts(rows: Iterable[dict[str, Any]]) -> KeyCounts:
+    return {
+        (row["queue"], row["key"]): {name: int(row[name]) for name in KEY_COUNT_FIELDS}
+        for row in rows
+    }
+
+
+async def recount(app: App) -> KeyCounts:
+    """The per-key counts recomputed from the jobs table (what the triggers must keep)."""
+    return _as_counts(await query(app, _RECOUNT_SQL))
+
+
+async def key_counts(app: App) -> KeyCounts:
+    """The per-key counts as `App.keys()` reports them."""
+    return _as_counts(asdict(k) for k in await app.keys())
+
+
+async def snapshot_key_counts(app: App) -> tuple[KeyCounts, KeyCounts]:
+    """(concurrency_keys, recount) read by one statement: one snapshot, so the two
+    must agree at any instant, even while workers change jobs."""
+    rows = await query(
+        app,
+        "SELECT (SELECT coalesce(jsonb_agg(k), '[]') FROM conveyor.concurrency_keys AS k)"
+        f" AS stats, (SELECT coalesce(jsonb_agg(r), '[]') FROM ({_RECOUNT_SQL}) AS r) AS recount",
+    )
+    return _as_counts(rows[0]["stats"]), _as_counts(rows[0]["recount"])
+
+
+def counts_differ(stats: KeyCounts, recounted: KeyCounts) -> dict[tuple[str, str], Any]:
+    """Keys whose reported counts differ from the recount ({} when they all agree).
+
+    A key row with no job left (made by `set_limit`, or every job deleted) must
+    report zero waiting and running; totals of deleted jobs are not recounted."""
+    zero = dict.fromkeys(KEY_COUNT_FIELDS, 0)
+    return {
+        key: (stats.get(key), recounted.get(key))
+        for key in stats.keys() | recounted.keys()
+        if stats.get(key, zero) != recounted.get(key, zero)
+    }

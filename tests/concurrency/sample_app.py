@@ -27,6 +27,7 @@ SPIN = "sample.spin"
 HOLD = "sample.hold"
 POISON = "sample.poison"
 STAMP = "sample.stamp"
+KEYED = "sample.keyed"
 
 POISON_MAX_ATTEMPTS = 3
 STAMP_MAX_ATTEMPTS = 25
@@ -46,6 +47,21 @@ CREATE TABLE public.executions (
 """
 """A side table where most sample tasks note every execution (no unique key, so a
 duplicate execution shows up as a duplicate row)."""
+
+KEYED_LIMIT = 5
+"""The limit a key of KEYED gets when its first enqueue does not say otherwise."""
+WORK_SCALE_ENV = "SAMPLE_WORK_SCALE"
+"""Multiplies KEYED's `work_s` in one worker process: workers of different speeds."""
+
+GAUGE_DDL = """
+CREATE TABLE public.gauge (
+    key text PRIMARY KEY,
+    n integer NOT NULL CHECK (n >= 0),
+    peak integer NOT NULL
+)
+"""
+"""Per concurrency key: how many KEYED jobs are inside their body now (n), and at most
+ever (peak), counted by the tasks themselves in autocommit statements."""
 
 # How often a waiting task looks again; short so tests stay quick, long enough
 # not to hammer two cores.
@@ -98,6 +114,7 @@ def build_app(database_url: str) -> App:
         return "stopped"
 
     _register_crash_tasks(app)
+    _register_keyed_tasks(app)
     return app
 
 
@@ -128,6 +145,33 @@ def _register_crash_tasks(app: App) -> None:
         await _note_execution(ctx)
         await asyncio.sleep(work_s)
         return {"n": n, **_stamp(ctx)}
+
+
+def _register_keyed_tasks(app: App) -> None:
+    """The tasks of the concurrency-key tests (test_keys_processes.py)."""
+
+    @app.task(name=KEYED, max_attempts=1, concurrency_limit=KEYED_LIMIT, concurrency_key="{key}")
+    async def keyed(ctx: JobContext, key: str, n: int, work_s: float = 0.0) -> int:
+        """Count itself in the key's gauge for as long as it works: the gauge's peak is
+        how many jobs of the key really ran at once, whatever the database believed."""
+        await _gauge(ctx, key, _GAUGE_ENTER)
+        await _note_execution(ctx)
+        await asyncio.sleep(work_s * float(os.environ.get(WORK_SCALE_ENV, "1")))
+        await _gauge(ctx, key, _GAUGE_LEAVE)
+        return n
+
+
+_GAUGE_ENTER = """
+INSERT INTO public.gauge AS g (key, n, peak) VALUES (%s, 1, 1)
+ON CONFLICT (key) DO UPDATE SET n = g.n + 1, peak = greatest(g.peak, g.n + 1)
+"""
+_GAUGE_LEAVE = "UPDATE public.gauge SET n = n - 1 WHERE key = %s"
+
+
+async def _gauge(ctx: JobContext, key: str, statement: str) -> None:
+    pool = await ctx.app.db.pool()
+    async with pool.connection() as conn:
+        await conn.execute(statement, (key,))
 
 
 def _stamp(ctx: JobContext) -> dict[str, Any]:

@@ -6,7 +6,8 @@
 -- refuses the whole statement when a key would go past its cap.
 
 ALTER TABLE conveyor.concurrency_keys
-    ADD COLUMN max_queue_length integer CHECK (max_queue_length > 0);
+    ADD COLUMN max_queue_length integer CHECK (max_queue_length > 0),
+    ADD CONSTRAINT concurrency_keys_key_not_empty CHECK (key <> '');
 
 CREATE FUNCTION conveyor.prepare_keys(
     queues text[], keys text[], limits integer[], caps integer[], incoming integer[]
