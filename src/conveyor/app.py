@@ -52,6 +52,7 @@ from conveyor.tasks import (
     check_concurrency_limit,
     check_key,
 )
+from conveyor.windows import ExecutionWindow, as_window
 
 # Bulk inserts are split so one statement's arrays stay a few MB at most.
 INSERT_CHUNK = 5_000
@@ -101,6 +102,7 @@ class App:
         concurrency_limit: int | None = None,
         concurrency_key: KeySource | None = None,
         max_queue_length: int | None = None,
+        window: ExecutionWindow | str | None = None,
     ) -> Callable[[TaskFunction], Task]: ...
 
     def task(
@@ -117,6 +119,7 @@ class App:
         concurrency_limit: int | None = None,
         concurrency_key: KeySource | None = None,
         max_queue_length: int | None = None,
+        window: ExecutionWindow | str | None = None,
     ) -> Task | Callable[[TaskFunction], Task]:
         """Register a task function (sync or async); its first parameter is the `JobContext`."""
         if isinstance(timeout, int | float):
@@ -130,6 +133,7 @@ class App:
             concurrency_limit=concurrency_limit,
             concurrency_key=concurrency_key,
             max_queue_length=max_queue_length,
+            window=as_window(window),
         )
 
         def register(fn: TaskFunction) -> Task:
@@ -417,6 +421,7 @@ def _insert_params(jobs: Sequence[EncodedJob]) -> dict[str, list[Any]]:
     return columns(
         jobs, "queue", "task", "args", "priority", "max_attempts", "run_at", "delay_s",
         "timeout_ms", "meta", "concurrency_key", "concurrency_limit", "max_queue_length",
+        "window_start", "window_end", "window_tz",
     )  # fmt: skip
 
 

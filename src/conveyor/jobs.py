@@ -31,7 +31,7 @@ A cancel request on a running job wins over any later retry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, time
 from enum import StrEnum
 from typing import Any
 
@@ -80,6 +80,9 @@ class Job:
     meta: dict[str, Any] = field(default_factory=dict)
     concurrency_key: str | None = None
     cancel_requested_at: datetime | None = None
+    window_start: time | None = None
+    window_end: time | None = None
+    window_tz: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:

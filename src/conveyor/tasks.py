@@ -17,11 +17,12 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
 from conveyor.errors import ConfigError, InvalidArguments, InvalidJobOptions, PayloadTooLarge
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
+from conveyor.windows import ExecutionWindow, as_window
 
 if TYPE_CHECKING:
     import psycopg
@@ -65,6 +66,8 @@ class TaskOptions:
     or a function of them; None with a limit means the task name (one key per task)."""
     max_queue_length: int | None = None
     """Most jobs of one key waiting at once; an enqueue past it raises `QueueFull`."""
+    window: ExecutionWindow | None = None
+    """Daily span of local time in which its jobs may start (see `conveyor.windows`)."""
 
     def __post_init__(self) -> None:
         try:
@@ -161,6 +164,8 @@ class JobSpec:
     """The key's limit if this enqueue creates the key (see `App.set_limit`)."""
     max_queue_length: int | None = None
     """The key's cap if this enqueue creates the key."""
+    window: ExecutionWindow | str | None = None
+    """Only start this job inside the window (`"09:00-17:00 Europe/Oslo"`)."""
 
     def encode(self, max_payload_bytes: int) -> EncodedJob:
         """Validate and JSON-encode; raises a typed error for any bad value."""
@@ -177,6 +182,10 @@ class JobSpec:
             raise InvalidJobOptions(f"delay must not be negative, got {self.delay}")
         if self.run_at is not None and self.run_at.tzinfo is None:
             raise InvalidJobOptions("run_at must be timezone-aware")
+        try:
+            window = as_window(self.window)
+        except ConfigError as exc:
+            raise InvalidJobOptions(str(exc)) from exc
         args = _to_json(self.args, f"arguments of task {self.task!r}")
         meta = _to_json(self.meta, "meta")
         size = len(args.encode())
@@ -195,6 +204,9 @@ class JobSpec:
             concurrency_key=self.concurrency_key,
             concurrency_limit=self.concurrency_limit if self.concurrency_key else None,
             max_queue_length=self.max_queue_length if self.concurrency_key else None,
+            window_start=window.start if window else None,
+            window_end=window.end if window else None,
+            window_tz=window.tz if window else None,
         )
 
 
@@ -219,6 +231,9 @@ class EncodedJob:
     concurrency_key: str | None
     concurrency_limit: int | None
     max_queue_length: int | None
+    window_start: time | None
+    window_end: time | None
+    window_tz: str | None
 
 
 def _to_json(value: Mapping[str, Any], what: str) -> str:
@@ -309,6 +324,7 @@ class TaskCall:
             timeout=task.options.timeout,
             concurrency_limit=task.options.concurrency_limit,
             max_queue_length=task.options.max_queue_length,
+            window=task.options.window,
         )
         if "task" in options or "args" in options:
             raise InvalidJobOptions("configure() takes job options; pass arguments to enqueue()")

@@ -89,6 +89,11 @@ class Rescuer(BackgroundService):
             if self.between_read_and_write is not None:
                 await self.between_read_and_write()
             rescued = await self._rescue(conn, candidates) if candidates else {}
+            await self._db.fetch(
+                "reschedule jobs outside their window",
+                "job_reschedule_closed_windows",
+                conn=conn,
+            )
         report = RescueReport(
             ran=True,
             rescued=rescued,

@@ -10,10 +10,11 @@ WITH input AS (
         %(queue)s::text[], %(task)s::text[], %(args)s::text[], %(priority)s::smallint[],
         %(max_attempts)s::integer[], %(run_at)s::timestamptz[], %(delay_s)s::float8[],
         %(timeout_ms)s::integer[], %(meta)s::text[], %(concurrency_key)s::text[],
-        %(concurrency_limit)s::integer[], %(max_queue_length)s::integer[]
+        %(concurrency_limit)s::integer[], %(max_queue_length)s::integer[],
+        %(window_start)s::time[], %(window_end)s::time[], %(window_tz)s::text[]
     ) WITH ORDINALITY AS i(queue, task, args, priority, max_attempts, run_at, delay_s,
                            timeout_ms, meta, concurrency_key, concurrency_limit,
-                           max_queue_length, ord)
+                           max_queue_length, window_start, window_end, window_tz, ord)
 ),
 keys_ready AS (
     -- Create the batch's keys, lock them, and refuse the whole batch (SQLSTATE
@@ -30,15 +31,21 @@ keys_ready AS (
     ) AS per_key
 ),
 timed AS (
-    -- An explicit run_at wins; otherwise now + delay on the database clock.
-    SELECT input.*, coalesce(run_at, conveyor.now() + make_interval(secs => delay_s)) AS due
+    -- An explicit run_at wins; otherwise now + delay on the database clock; then
+    -- the next opening of the job's execution window, if it has one.
+    SELECT input.*,
+           conveyor.window_next_open(
+               coalesce(run_at, conveyor.now() + make_interval(secs => delay_s)),
+               window_start, window_end, window_tz) AS due
     FROM input
 )
 INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run_at,
-                           created_at, timeout_ms, meta, concurrency_key)
+                           created_at, timeout_ms, meta, concurrency_key,
+                           window_start, window_end, window_tz)
 SELECT queue, task, args::jsonb,
        (CASE WHEN due > conveyor.now() THEN 'scheduled' ELSE 'available' END)::conveyor.job_state,
-       priority, max_attempts, due, conveyor.now(), timeout_ms, meta::jsonb, concurrency_key
+       priority, max_attempts, due, conveyor.now(), timeout_ms, meta::jsonb, concurrency_key,
+       window_start, window_end, window_tz
 FROM timed, keys_ready
 WHERE keys_ready.ready
 ORDER BY ord
@@ -61,6 +68,7 @@ WITH unkeyed AS (
           AND concurrency_key IS NULL
           AND queue = q.name
           AND run_at <= conveyor.now()
+          AND conveyor.in_window(conveyor.now(), window_start, window_end, window_tz)
         ORDER BY priority DESC, run_at, id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
@@ -93,6 +101,7 @@ keyed AS (
           AND queue = fk.queue
           AND concurrency_key = fk.key
           AND run_at <= conveyor.now()
+          AND conveyor.in_window(conveyor.now(), window_start, window_end, window_tz)
         ORDER BY id
         LIMIT fk.free
         FOR UPDATE SKIP LOCKED
@@ -152,7 +161,13 @@ updated AS (
     -- this statement waits for the row is still seen.
     UPDATE conveyor.jobs AS j
     SET state = (CASE WHEN r.state = 'retry' AND j.cancel_requested_at IS NOT NULL
-                      THEN 'cancelled' ELSE r.next_state::text END)::conveyor.job_state,
+                      THEN 'cancelled'
+                      -- A retry may land outside the job's window: it waits for the opening.
+                      WHEN r.state = 'retry' AND conveyor.window_next_open(
+                               conveyor.now() + make_interval(secs => r.retry_in_s),
+                               j.window_start, j.window_end, j.window_tz) > conveyor.now()
+                      THEN 'scheduled'
+                      ELSE r.next_state::text END)::conveyor.job_state,
         result = coalesce(r.result::jsonb, j.result),
         errors = CASE WHEN r.error IS NULL THEN j.errors
                       ELSE j.errors || jsonb_build_array(
@@ -160,7 +175,9 @@ updated AS (
                  END,
         attempt = CASE WHEN r.refund THEN j.attempt - 1 ELSE j.attempt END,
         run_at = CASE WHEN r.state = 'retry' AND j.cancel_requested_at IS NULL
-                      THEN conveyor.now() + make_interval(secs => r.retry_in_s)
+                      THEN conveyor.window_next_open(
+                          conveyor.now() + make_interval(secs => r.retry_in_s),
+                          j.window_start, j.window_end, j.window_tz)
                       ELSE j.run_at END,
         finished_at = CASE WHEN r.next_state IN ('succeeded', 'failed', 'cancelled')
                              OR j.cancel_requested_at IS NOT NULL
@@ -303,3 +320,15 @@ VALUES (%(queue)s, %(key)s, %(limit)s)
 ON CONFLICT (queue, key) DO UPDATE
 SET concurrency_limit = excluded.concurrency_limit, updated_at = statement_timestamp()
 RETURNING *;
+
+-- name: job_reschedule_closed_windows
+-- Due jobs whose window closed before a claim took them: move them to the next
+-- opening, so claims do not step over them until then.
+UPDATE conveyor.jobs
+SET state = 'scheduled',
+    run_at = conveyor.window_next_open(conveyor.now(), window_start, window_end, window_tz)
+WHERE window_tz IS NOT NULL
+  AND state IN ('scheduled', 'available')
+  AND run_at <= conveyor.now()
+  AND NOT conveyor.in_window(conveyor.now(), window_start, window_end, window_tz)
+RETURNING id;

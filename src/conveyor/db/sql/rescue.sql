@@ -27,10 +27,12 @@ rescued AS (
             WHEN j.attempt >= j.max_attempts THEN 'failed'
             WHEN %(backoff_base_s)s > 0 THEN 'scheduled'
             ELSE 'available' END)::conveyor.job_state,
-        run_at = conveyor.now() + make_interval(secs => least(
-            -- The exponent is clamped: 2^1024 overflows float8 long after the cap applies.
-            %(backoff_base_s)s * power(2::float8, least(greatest(j.attempt - 1, 0), 60)),
-            %(backoff_max_s)s)),
+        run_at = conveyor.window_next_open(
+            conveyor.now() + make_interval(secs => least(
+                -- The exponent is clamped: 2^1024 overflows float8 long after the cap applies.
+                %(backoff_base_s)s * power(2::float8, least(greatest(j.attempt - 1, 0), 60)),
+                %(backoff_max_s)s)),
+            j.window_start, j.window_end, j.window_tz),
         finished_at = CASE
             WHEN j.cancel_requested_at IS NOT NULL OR j.attempt >= j.max_attempts
             THEN conveyor.now() END,
