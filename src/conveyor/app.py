@@ -29,6 +29,13 @@ from conveyor.config import Config
 from conveyor.db.columns import columns
 from conveyor.db.control import control_channel
 from conveyor.db.database import Database, Row
+from conveyor.enqueue_plan import (
+    DedupKey,
+    InsertPlan,
+    assemble,
+    missing_dedup_keys,
+    plan_insert,
+)
 from conveyor.errors import (
     DatabaseError,
     InvalidJobOptions,
@@ -54,8 +61,6 @@ from conveyor.tasks import (
 )
 from conveyor.windows import ExecutionWindow, as_window
 
-# Bulk inserts are split so one statement's arrays stay a few MB at most.
-INSERT_CHUNK = 5_000
 WAIT_POLL_MIN_S = 0.01
 WAIT_POLL_MAX_S = 0.25
 
@@ -178,13 +183,12 @@ class App:
         exist only if it commits (workers are woken at that commit).
         """
         encoded = self._encode(specs)
-        if connection is not None:
-            return await self._insert(encoded, connection)
-        if len(encoded) <= INSERT_CHUNK:
-            return await self._insert(encoded, None)
+        plan = plan_insert(encoded)
+        if connection is not None or not plan.needs_transaction:
+            return await self._insert(encoded, plan, connection)
         pool = await self.db.pool()
         async with pool.connection() as conn, conn.transaction():
-            return await self._insert(encoded, conn)
+            return await self._insert(encoded, plan, conn)
 
     def enqueue_sync(
         self,
@@ -206,10 +210,11 @@ class App:
     ) -> list[Job]:
         """Sync twin of `enqueue_many`."""
         encoded = self._encode(specs)
-        if connection is not None or len(encoded) <= INSERT_CHUNK:
-            return self._insert_sync(encoded, connection)
+        plan = plan_insert(encoded)
+        if connection is not None or not plan.needs_transaction:
+            return self._insert_sync(encoded, plan, connection)
         with self.db.sync_pool().connection() as conn, conn.transaction():
-            return self._insert_sync(encoded, conn)
+            return self._insert_sync(encoded, plan, conn)
 
     def _encode(self, specs: Iterable[JobSpec]) -> list[EncodedJob]:
         encoded = []
@@ -220,36 +225,64 @@ class App:
         return encoded
 
     async def _insert(
-        self, jobs: Sequence[EncodedJob], conn: psycopg.AsyncConnection[Any] | None
+        self,
+        jobs: Sequence[EncodedJob],
+        plan: InsertPlan,
+        conn: psycopg.AsyncConnection[Any] | None,
     ) -> list[Job]:
+        channel = control_channel(self.config.schema)
+        if plan.supersede_running:
+            await self.db.fetch(
+                "supersede running jobs",
+                "job_supersede_running",
+                _dedup_params(plan.supersede_running, channel),
+                conn=conn,
+            )
         rows: list[Row] = []
-        for start in range(0, len(jobs), INSERT_CHUNK):
-            chunk = jobs[start : start + INSERT_CHUNK]
+        for query, chunk in plan.statements:
             with _queue_full_as_typed_error():
                 rows += await self.db.fetch(
-                    "enqueue jobs",
-                    "job_insert_many",
-                    _insert_params(chunk),
-                    conn=conn,
-                    idempotent=False,
+                    "enqueue jobs", query, _insert_params(chunk), conn=conn, idempotent=False
                 )
-        return _in_id_order(rows)
+        existing: list[Row] = []
+        if missing := missing_dedup_keys(plan, rows):
+            existing = await self.db.fetch(
+                "find deduplicated jobs",
+                "job_get_by_dedup_keys",
+                _dedup_params(missing, None),
+                conn=conn,
+            )
+        return assemble(jobs, rows, existing)
 
     def _insert_sync(
-        self, jobs: Sequence[EncodedJob], conn: psycopg.Connection[Any] | None
+        self,
+        jobs: Sequence[EncodedJob],
+        plan: InsertPlan,
+        conn: psycopg.Connection[Any] | None,
     ) -> list[Job]:
+        channel = control_channel(self.config.schema)
+        if plan.supersede_running:
+            self.db.fetch_sync(
+                "supersede running jobs",
+                "job_supersede_running",
+                _dedup_params(plan.supersede_running, channel),
+                conn=conn,
+            )
         rows: list[Row] = []
-        for start in range(0, len(jobs), INSERT_CHUNK):
-            chunk = jobs[start : start + INSERT_CHUNK]
+        for query, chunk in plan.statements:
             with _queue_full_as_typed_error():
                 rows += self.db.fetch_sync(
-                    "enqueue jobs",
-                    "job_insert_many",
-                    _insert_params(chunk),
-                    conn=conn,
-                    idempotent=False,
+                    "enqueue jobs", query, _insert_params(chunk), conn=conn, idempotent=False
                 )
-        return _in_id_order(rows)
+        existing: list[Row] = []
+        if missing := missing_dedup_keys(plan, rows):
+            existing = self.db.fetch_sync(
+                "find deduplicated jobs",
+                "job_get_by_dedup_keys",
+                _dedup_params(missing, None),
+                conn=conn,
+            )
+        return assemble(jobs, rows, existing)
 
     # -- read --------------------------------------------------------------
 
@@ -421,12 +454,16 @@ def _insert_params(jobs: Sequence[EncodedJob]) -> dict[str, list[Any]]:
     return columns(
         jobs, "queue", "task", "args", "priority", "max_attempts", "run_at", "delay_s",
         "timeout_ms", "meta", "concurrency_key", "concurrency_limit", "max_queue_length",
-        "window_start", "window_end", "window_tz",
+        "window_start", "window_end", "window_tz", "dedup_key",
     )  # fmt: skip
 
 
-def _in_id_order(rows: list[Row]) -> list[Job]:
-    return sorted((Job.from_row(r) for r in rows), key=lambda j: j.id)
+def _dedup_params(keys: Sequence[DedupKey], channel: str | None) -> dict[str, Any]:
+    return {
+        "task": [task for task, _ in keys],
+        "dedup_key": [key for _, key in keys],
+        "channel": channel,
+    }
 
 
 def _nest_counts(rows: list[Row]) -> dict[str, dict[str, int]]:

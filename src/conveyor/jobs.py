@@ -83,6 +83,7 @@ class Job:
     window_start: time | None = None
     window_end: time | None = None
     window_tz: str | None = None
+    dedup_key: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, time, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from conveyor.errors import ConfigError, InvalidArguments, InvalidJobOptions, PayloadTooLarge
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
@@ -39,6 +39,7 @@ CONCURRENCY_LIMIT_MAX = 100_000
 QUEUE_LENGTH_MAX = 2**31 - 1
 KEY_MAX_LENGTH = 200
 KeySource = str | Callable[[Mapping[str, Any]], str]
+OnConflict = Literal["ignore", "supersede"]
 MAX_ATTEMPTS_LIMIT = 1_000_000
 TIMEOUT_MIN = timedelta(milliseconds=1)
 TIMEOUT_MAX = timedelta(milliseconds=2**31 - 1)
@@ -120,6 +121,27 @@ def _check_cap_options(
         raise error("max_queue_length applies per concurrency key: it needs a concurrency_limit")
 
 
+def _check_dedup(dedup_key: object, on_conflict: object, supersede_running: object) -> None:
+    if dedup_key is not None and (
+        not isinstance(dedup_key, str)
+        or not dedup_key
+        or "\x00" in dedup_key
+        or len(dedup_key) > KEY_MAX_LENGTH
+    ):
+        raise InvalidJobOptions(
+            f"dedup_key must be a non-empty string of at most {KEY_MAX_LENGTH} characters, "
+            f"got {dedup_key!r}"
+        )
+    if on_conflict not in ("ignore", "supersede"):
+        raise InvalidJobOptions(f"on_conflict must be 'ignore' or 'supersede', got {on_conflict!r}")
+    if not isinstance(supersede_running, bool):
+        raise InvalidJobOptions("supersede_running must be a bool")
+    if supersede_running and on_conflict != "supersede":
+        raise InvalidJobOptions("supersede_running needs on_conflict='supersede'")
+    if on_conflict == "supersede" and dedup_key is None:
+        raise InvalidJobOptions("on_conflict='supersede' needs a dedup_key")
+
+
 def resolve_key(source: KeySource, args: Mapping[str, Any], task: str) -> str:
     """The concurrency key for one job; raises `InvalidArguments` when it cannot be built."""
     try:
@@ -166,6 +188,14 @@ class JobSpec:
     """The key's cap if this enqueue creates the key."""
     window: ExecutionWindow | str | None = None
     """Only start this job inside the window (`"09:00-17:00 Europe/Oslo"`)."""
+    dedup_key: str | None = None
+    """While a job of this task with this key is waiting or running, enqueue returns
+    it instead of creating another."""
+    on_conflict: OnConflict = "ignore"
+    """With a dedup key: "ignore" keeps the existing job; "supersede" gives a waiting
+    one this enqueue's arguments and options."""
+    supersede_running: bool = False
+    """With "supersede": a running job with the key is cancelled and a new one enqueued."""
 
     def encode(self, max_payload_bytes: int) -> EncodedJob:
         """Validate and JSON-encode; raises a typed error for any bad value."""
@@ -186,6 +216,7 @@ class JobSpec:
             window = as_window(self.window)
         except ConfigError as exc:
             raise InvalidJobOptions(str(exc)) from exc
+        _check_dedup(self.dedup_key, self.on_conflict, self.supersede_running)
         args = _to_json(self.args, f"arguments of task {self.task!r}")
         meta = _to_json(self.meta, "meta")
         size = len(args.encode())
@@ -207,6 +238,9 @@ class JobSpec:
             window_start=window.start if window else None,
             window_end=window.end if window else None,
             window_tz=window.tz if window else None,
+            dedup_key=self.dedup_key,
+            on_conflict=self.on_conflict,
+            supersede_running=self.supersede_running,
         )
 
 
@@ -234,6 +268,9 @@ class EncodedJob:
     window_start: time | None
     window_end: time | None
     window_tz: str | None
+    dedup_key: str | None = None
+    on_conflict: OnConflict = "ignore"
+    supersede_running: bool = False
 
 
 def _to_json(value: Mapping[str, Any], what: str) -> str:

@@ -19,7 +19,7 @@ from conveyor import (
     Task,
     TaskNotFound,
 )
-from conveyor.app import INSERT_CHUNK
+from conveyor.enqueue_plan import INSERT_CHUNK
 from conveyor.testing import database_now, freeze_time
 from tests.integration.conftest import CountJobs, QueryDb
 

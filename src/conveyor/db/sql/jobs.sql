@@ -11,10 +11,12 @@ WITH input AS (
         %(max_attempts)s::integer[], %(run_at)s::timestamptz[], %(delay_s)s::float8[],
         %(timeout_ms)s::integer[], %(meta)s::text[], %(concurrency_key)s::text[],
         %(concurrency_limit)s::integer[], %(max_queue_length)s::integer[],
-        %(window_start)s::time[], %(window_end)s::time[], %(window_tz)s::text[]
+        %(window_start)s::time[], %(window_end)s::time[], %(window_tz)s::text[],
+        %(dedup_key)s::text[]
     ) WITH ORDINALITY AS i(queue, task, args, priority, max_attempts, run_at, delay_s,
                            timeout_ms, meta, concurrency_key, concurrency_limit,
-                           max_queue_length, window_start, window_end, window_tz, ord)
+                           max_queue_length, window_start, window_end, window_tz,
+                           dedup_key, ord)
 ),
 keys_ready AS (
     -- Create the batch's keys, lock them, and refuse the whole batch (SQLSTATE
@@ -41,14 +43,88 @@ timed AS (
 )
 INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run_at,
                            created_at, timeout_ms, meta, concurrency_key,
-                           window_start, window_end, window_tz)
+                           window_start, window_end, window_tz, dedup_key)
 SELECT queue, task, args::jsonb,
        (CASE WHEN due > conveyor.now() THEN 'scheduled' ELSE 'available' END)::conveyor.job_state,
        priority, max_attempts, due, conveyor.now(), timeout_ms, meta::jsonb, concurrency_key,
-       window_start, window_end, window_tz
+       window_start, window_end, window_tz, dedup_key
 FROM timed, keys_ready
 WHERE keys_ready.ready
 ORDER BY ord
+-- A live job of the same task and dedup key wins: this row is dropped, and the
+-- caller reads the existing job (job_get_by_dedup_keys).
+ON CONFLICT (task, dedup_key)
+    WHERE dedup_key IS NOT NULL AND state IN ('scheduled', 'available', 'running')
+    DO NOTHING
+RETURNING *;
+
+-- name: job_insert_superseding
+-- Like job_insert_many, but a waiting job with the same task and dedup key is
+-- replaced in place (arguments, options, run time) instead of kept.
+WITH input AS (
+    -- One row per job, in the caller's order (ord), so ids follow that order.
+    SELECT *
+    FROM unnest(
+        %(queue)s::text[], %(task)s::text[], %(args)s::text[], %(priority)s::smallint[],
+        %(max_attempts)s::integer[], %(run_at)s::timestamptz[], %(delay_s)s::float8[],
+        %(timeout_ms)s::integer[], %(meta)s::text[], %(concurrency_key)s::text[],
+        %(concurrency_limit)s::integer[], %(max_queue_length)s::integer[],
+        %(window_start)s::time[], %(window_end)s::time[], %(window_tz)s::text[],
+        %(dedup_key)s::text[]
+    ) WITH ORDINALITY AS i(queue, task, args, priority, max_attempts, run_at, delay_s,
+                           timeout_ms, meta, concurrency_key, concurrency_limit,
+                           max_queue_length, window_start, window_end, window_tz,
+                           dedup_key, ord)
+),
+keys_ready AS (
+    -- Create the batch's keys, lock them, and refuse the whole batch (SQLSTATE
+    -- CVQ01) if one would pass its cap: all or nothing.
+    SELECT conveyor.prepare_keys(
+        array_agg(queue), array_agg(key), array_agg(lim), array_agg(cap), array_agg(n)
+    ) AS ready
+    FROM (
+        SELECT queue, concurrency_key AS key, min(concurrency_limit) AS lim,
+               min(max_queue_length) AS cap, count(*)::integer AS n
+        FROM input
+        WHERE concurrency_key IS NOT NULL
+        GROUP BY queue, concurrency_key
+    ) AS per_key
+),
+timed AS (
+    -- An explicit run_at wins; otherwise now + delay on the database clock; then
+    -- the next opening of the job's execution window, if it has one.
+    SELECT input.*,
+           conveyor.window_next_open(
+               coalesce(run_at, conveyor.now() + make_interval(secs => delay_s)),
+               window_start, window_end, window_tz) AS due
+    FROM input
+)
+INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run_at,
+                           created_at, timeout_ms, meta, concurrency_key,
+                           window_start, window_end, window_tz, dedup_key)
+SELECT queue, task, args::jsonb,
+       (CASE WHEN due > conveyor.now() THEN 'scheduled' ELSE 'available' END)::conveyor.job_state,
+       priority, max_attempts, due, conveyor.now(), timeout_ms, meta::jsonb, concurrency_key,
+       window_start, window_end, window_tz, dedup_key
+FROM timed, keys_ready
+WHERE keys_ready.ready
+ORDER BY ord
+-- The waiting job takes the newer enqueue's arguments and options; its id, its
+-- place in its key (the key itself is kept) and its history stay. A running job
+-- is left alone here (see job_supersede_running).
+ON CONFLICT (task, dedup_key)
+    WHERE dedup_key IS NOT NULL AND state IN ('scheduled', 'available', 'running')
+    DO UPDATE SET args = excluded.args,
+                  priority = excluded.priority,
+                  max_attempts = excluded.max_attempts,
+                  run_at = excluded.run_at,
+                  state = excluded.state,
+                  timeout_ms = excluded.timeout_ms,
+                  meta = excluded.meta,
+                  window_start = excluded.window_start,
+                  window_end = excluded.window_end,
+                  window_tz = excluded.window_tz
+    WHERE conveyor.jobs.state IN ('scheduled', 'available')
 RETURNING *;
 
 -- name: job_claim_many
@@ -332,3 +408,28 @@ WHERE window_tz IS NOT NULL
   AND run_at <= conveyor.now()
   AND NOT conveyor.in_window(conveyor.now(), window_start, window_end, window_tz)
 RETURNING id;
+
+-- name: job_get_by_dedup_keys
+-- The newest job per (task, dedup key): the live one that deduplicated an enqueue.
+SELECT DISTINCT ON (task, dedup_key) *
+FROM conveyor.jobs
+WHERE (task, dedup_key) IN (SELECT * FROM unnest(%(task)s::text[], %(dedup_key)s::text[]))
+ORDER BY task, dedup_key, id DESC;
+
+-- name: job_supersede_running
+-- Before a superseding enqueue: running jobs with these keys give up their dedup
+-- key (so the new job can be inserted) and get a cancel request.
+WITH superseded AS (
+    UPDATE conveyor.jobs AS j
+    SET dedup_key = NULL,
+        cancel_requested_at = coalesce(j.cancel_requested_at, conveyor.now())
+    FROM unnest(%(task)s::text[], %(dedup_key)s::text[]) AS k(task, dedup_key)
+    WHERE j.task = k.task AND j.dedup_key = k.dedup_key AND j.state = 'running'
+    RETURNING j.id, j.worker_id
+),
+told AS (
+    SELECT count(pg_notify(%(channel)s, json_build_object(
+        'kind', 'cancel', 'job_id', id, 'worker_id', worker_id)::text)) AS sent
+    FROM superseded
+)
+SELECT superseded.id FROM superseded, told;

@@ -1,0 +1,83 @@
+"""How a batch of encoded jobs becomes insert statements, and how results map back.
+
+Pure module. Jobs without a dedup key are inserted in input order, so their
+ids follow it. Jobs with a dedup key may instead resolve to an existing live
+job (`on_conflict="ignore"`), or replace a waiting one in place
+(`"supersede"`); either way each input position gets the job that now stands
+for it, so `enqueue_many` returns one job per spec, in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from conveyor.jobs import Job
+from conveyor.tasks import EncodedJob
+
+INSERT_CHUNK = 5_000
+"""Bulk inserts are split so one statement's arrays stay a few MB at most."""
+
+DedupKey = tuple[str, str]
+
+
+@dataclass
+class InsertPlan:
+    """The statements one enqueue_many sends, in order."""
+
+    statements: list[tuple[str, Sequence[EncodedJob]]] = field(default_factory=list)
+    supersede_running: list[DedupKey] = field(default_factory=list)
+    dedup_keys: list[DedupKey] = field(default_factory=list)
+
+    @property
+    def needs_transaction(self) -> bool:
+        """More than one statement must commit together."""
+        return len(self.statements) > 1 or bool(self.supersede_running) or bool(self.dedup_keys)
+
+
+def plan_insert(jobs: Sequence[EncodedJob]) -> InsertPlan:
+    """Split `jobs` into chunks of plain inserts and one superseding insert."""
+    plan = InsertPlan()
+    plain = [j for j in jobs if j.on_conflict != "supersede" or j.dedup_key is None]
+    superseding: dict[DedupKey, EncodedJob] = {}
+    for job in jobs:
+        if job.on_conflict == "supersede" and job.dedup_key is not None:
+            # One statement cannot update a row twice: the last enqueue of a key wins.
+            superseding[(job.task, job.dedup_key)] = job
+    for start in range(0, len(plain), INSERT_CHUNK):
+        plan.statements.append(("job_insert_many", plain[start : start + INSERT_CHUNK]))
+    if superseding:
+        plan.statements.append(("job_insert_superseding", list(superseding.values())))
+        plan.supersede_running = [k for k, j in superseding.items() if j.supersede_running]
+    plan.dedup_keys = sorted({(j.task, j.dedup_key) for j in jobs if j.dedup_key is not None})
+    return plan
+
+
+def missing_dedup_keys(plan: InsertPlan, rows: Sequence[dict[str, Any]]) -> list[DedupKey]:
+    """Dedup keys whose job was not returned by the inserts (an existing job stands for it)."""
+    returned = {(r["task"], r["dedup_key"]) for r in rows if r.get("dedup_key") is not None}
+    return [k for k in plan.dedup_keys if k not in returned]
+
+
+def assemble(
+    jobs: Sequence[EncodedJob],
+    inserted: Sequence[dict[str, Any]],
+    existing: Sequence[dict[str, Any]],
+) -> list[Job]:
+    """One job per input position: new ones by id order, deduplicated ones by key."""
+    by_key: dict[DedupKey, Job] = {}
+    for row in existing:
+        by_key[(row["task"], row["dedup_key"])] = Job.from_row(row)
+    plain: list[Job] = []
+    for row in inserted:
+        job = Job.from_row(row)
+        if job.dedup_key is not None:
+            by_key[(job.task, job.dedup_key)] = job
+        else:
+            plain.append(job)
+    plain.sort(key=lambda j: j.id)
+    plain_jobs: Iterator[Job] = iter(plain)
+    return [
+        by_key[(j.task, j.dedup_key)] if j.dedup_key is not None else next(plain_jobs) for j in jobs
+    ]
