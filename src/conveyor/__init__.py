@@ -33,10 +33,11 @@ from conveyor.errors import (
     TransientDatabaseError,
     WaitTimeout,
 )
-from conveyor.jobs import Job, JobState
+from conveyor.jobs import Job, JobState, KeyStats, WorkerInfo
 from conveyor.outcomes import Cancel, Retry, Snooze
 from conveyor.retry import ExponentialBackoff, FixedDelay, RetryPolicy
-from conveyor.tasks import JobSpec, Task, TaskOptions
+from conveyor.tasks import JobSpec, RateLimit, Task, TaskOptions
+from conveyor.windows import ExecutionWindow
 from conveyor.worker.worker import Worker
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "ConfigError",
     "ConveyorError",
     "DatabaseError",
+    "ExecutionWindow",
     "ExponentialBackoff",
     "FixedDelay",
     "InvalidArguments",
@@ -55,8 +57,10 @@ __all__ = [
     "JobNotFound",
     "JobSpec",
     "JobState",
+    "KeyStats",
     "PayloadTooLarge",
     "QueueFull",
+    "RateLimit",
     "Retry",
     "RetryPolicy",
     "SchemaVersionError",
@@ -68,6 +72,7 @@ __all__ = [
     "WaitTimeout",
     "Worker",
     "WorkerConfig",
+    "WorkerInfo",
 ]
 
 __version__ = "0.1.0"

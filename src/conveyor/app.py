@@ -53,6 +53,7 @@ from conveyor.tasks import (
     EncodedJob,
     JobSpec,
     KeySource,
+    RateLimit,
     Task,
     TaskFunction,
     TaskOptions,
@@ -108,6 +109,7 @@ class App:
         concurrency_key: KeySource | None = None,
         max_queue_length: int | None = None,
         window: ExecutionWindow | str | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> Callable[[TaskFunction], Task]: ...
 
     def task(
@@ -125,6 +127,7 @@ class App:
         concurrency_key: KeySource | None = None,
         max_queue_length: int | None = None,
         window: ExecutionWindow | str | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> Task | Callable[[TaskFunction], Task]:
         """Register a task function (sync or async); its first parameter is the `JobContext`."""
         if isinstance(timeout, int | float):
@@ -139,6 +142,7 @@ class App:
             concurrency_key=concurrency_key,
             max_queue_length=max_queue_length,
             window=as_window(window),
+            rate_limit=rate_limit,
         )
 
         def register(fn: TaskFunction) -> Task:
@@ -454,7 +458,7 @@ def _insert_params(jobs: Sequence[EncodedJob]) -> dict[str, list[Any]]:
     return columns(
         jobs, "queue", "task", "args", "priority", "max_attempts", "run_at", "delay_s",
         "timeout_ms", "meta", "concurrency_key", "concurrency_limit", "max_queue_length",
-        "window_start", "window_end", "window_tz", "dedup_key",
+        "window_start", "window_end", "window_tz", "dedup_key", "rate_limit", "rate_period_s",
     )  # fmt: skip
 
 

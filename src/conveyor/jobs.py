@@ -148,6 +148,11 @@ class KeyStats:
     total_failed: int
     total_cancelled: int
     updated_at: datetime
+    max_queue_length: int | None = None
+    rate_limit: int | None = None
+    rate_period_s: float | None = None
+    rate_window_start: datetime | None = None
+    rate_window_count: int = 0
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> KeyStats:

@@ -69,6 +69,9 @@ class TaskOptions:
     """Most jobs of one key waiting at once; an enqueue past it raises `QueueFull`."""
     window: ExecutionWindow | None = None
     """Daily span of local time in which its jobs may start (see `conveyor.windows`)."""
+    rate_limit: RateLimit | None = None
+    """Most starts per period per key, across all workers:
+    `RateLimit(10, timedelta(seconds=1))`."""
 
     def __post_init__(self) -> None:
         try:
@@ -79,6 +82,9 @@ class TaskOptions:
         if self.concurrency_key is not None and self.concurrency_limit is None:
             raise ConfigError("task option: concurrency_key needs a concurrency_limit")
         _check_cap_options(self.max_queue_length, self.concurrency_limit, ConfigError)
+        if self.rate_limit is not None and self.concurrency_limit is None:
+            # A rate applies per key; without a limit of its own the key is unbounded.
+            object.__setattr__(self, "concurrency_limit", CONCURRENCY_LIMIT_MAX)
 
 
 def _check_options(queue: str, priority: int, max_attempts: int, timeout: timedelta | None) -> None:
@@ -119,6 +125,24 @@ def _check_cap_options(
         )
     if limit is None:
         raise error("max_queue_length applies per concurrency key: it needs a concurrency_limit")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `count` starts per `per`, per concurrency key, across all workers.
+
+    Counted in fixed windows: the first start after a window ran out opens the
+    next one, so at most `count` jobs of a key start within any one window.
+    """
+
+    count: int
+    per: timedelta
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.count) or self.count < 1:
+            raise ConfigError(f"RateLimit.count must be an integer >= 1, got {self.count!r}")
+        if not isinstance(self.per, timedelta) or self.per <= timedelta(0):
+            raise ConfigError(f"RateLimit.per must be a positive duration, got {self.per!r}")
 
 
 def _check_dedup(dedup_key: object, on_conflict: object, supersede_running: object) -> None:
@@ -188,6 +212,8 @@ class JobSpec:
     """The key's cap if this enqueue creates the key."""
     window: ExecutionWindow | str | None = None
     """Only start this job inside the window (`"09:00-17:00 Europe/Oslo"`)."""
+    rate_limit: RateLimit | None = None
+    """The key's rate if this enqueue creates the key."""
     dedup_key: str | None = None
     """While a job of this task with this key is waiting or running, enqueue returns
     it instead of creating another."""
@@ -238,6 +264,12 @@ class JobSpec:
             window_start=window.start if window else None,
             window_end=window.end if window else None,
             window_tz=window.tz if window else None,
+            rate_limit=self.rate_limit.count if self.rate_limit and self.concurrency_key else None,
+            rate_period_s=(
+                self.rate_limit.per.total_seconds()
+                if self.rate_limit and self.concurrency_key
+                else None
+            ),
             dedup_key=self.dedup_key,
             on_conflict=self.on_conflict,
             supersede_running=self.supersede_running,
@@ -268,6 +300,8 @@ class EncodedJob:
     window_start: time | None
     window_end: time | None
     window_tz: str | None
+    rate_limit: int | None = None
+    rate_period_s: float | None = None
     dedup_key: str | None = None
     on_conflict: OnConflict = "ignore"
     supersede_running: bool = False
@@ -362,6 +396,7 @@ class TaskCall:
             concurrency_limit=task.options.concurrency_limit,
             max_queue_length=task.options.max_queue_length,
             window=task.options.window,
+            rate_limit=task.options.rate_limit,
         )
         if "task" in options or "args" in options:
             raise InvalidJobOptions("configure() takes job options; pass arguments to enqueue()")

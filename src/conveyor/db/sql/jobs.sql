@@ -12,21 +12,23 @@ WITH input AS (
         %(timeout_ms)s::integer[], %(meta)s::text[], %(concurrency_key)s::text[],
         %(concurrency_limit)s::integer[], %(max_queue_length)s::integer[],
         %(window_start)s::time[], %(window_end)s::time[], %(window_tz)s::text[],
-        %(dedup_key)s::text[]
+        %(dedup_key)s::text[], %(rate_limit)s::integer[], %(rate_period_s)s::float8[]
     ) WITH ORDINALITY AS i(queue, task, args, priority, max_attempts, run_at, delay_s,
                            timeout_ms, meta, concurrency_key, concurrency_limit,
                            max_queue_length, window_start, window_end, window_tz,
-                           dedup_key, ord)
+                           dedup_key, rate_limit, rate_period_s, ord)
 ),
 keys_ready AS (
     -- Create the batch's keys, lock them, and refuse the whole batch (SQLSTATE
     -- CVQ01) if one would pass its cap: all or nothing.
     SELECT conveyor.prepare_keys(
-        array_agg(queue), array_agg(key), array_agg(lim), array_agg(cap), array_agg(n)
+        array_agg(queue), array_agg(key), array_agg(lim), array_agg(cap), array_agg(n),
+        array_agg(rate), array_agg(period)
     ) AS ready
     FROM (
         SELECT queue, concurrency_key AS key, min(concurrency_limit) AS lim,
-               min(max_queue_length) AS cap, count(*)::integer AS n
+               min(max_queue_length) AS cap, count(*)::integer AS n,
+               min(rate_limit) AS rate, min(rate_period_s) AS period
         FROM input
         WHERE concurrency_key IS NOT NULL
         GROUP BY queue, concurrency_key
@@ -70,21 +72,23 @@ WITH input AS (
         %(timeout_ms)s::integer[], %(meta)s::text[], %(concurrency_key)s::text[],
         %(concurrency_limit)s::integer[], %(max_queue_length)s::integer[],
         %(window_start)s::time[], %(window_end)s::time[], %(window_tz)s::text[],
-        %(dedup_key)s::text[]
+        %(dedup_key)s::text[], %(rate_limit)s::integer[], %(rate_period_s)s::float8[]
     ) WITH ORDINALITY AS i(queue, task, args, priority, max_attempts, run_at, delay_s,
                            timeout_ms, meta, concurrency_key, concurrency_limit,
                            max_queue_length, window_start, window_end, window_tz,
-                           dedup_key, ord)
+                           dedup_key, rate_limit, rate_period_s, ord)
 ),
 keys_ready AS (
     -- Create the batch's keys, lock them, and refuse the whole batch (SQLSTATE
     -- CVQ01) if one would pass its cap: all or nothing.
     SELECT conveyor.prepare_keys(
-        array_agg(queue), array_agg(key), array_agg(lim), array_agg(cap), array_agg(n)
+        array_agg(queue), array_agg(key), array_agg(lim), array_agg(cap), array_agg(n),
+        array_agg(rate), array_agg(period)
     ) AS ready
     FROM (
         SELECT queue, concurrency_key AS key, min(concurrency_limit) AS lim,
-               min(max_queue_length) AS cap, count(*)::integer AS n
+               min(max_queue_length) AS cap, count(*)::integer AS n,
+               min(rate_limit) AS rate, min(rate_period_s) AS period
         FROM input
         WHERE concurrency_key IS NOT NULL
         GROUP BY queue, concurrency_key
@@ -154,11 +158,17 @@ free_keys AS (
     -- Keys with room and waiting work, least recently served first. Locking the
     -- key row makes this claimer the only one starting jobs of that key, so the
     -- running count read here cannot go stale before this statement commits.
-    SELECT queue, key, concurrency_limit - running AS free
+    -- A key's room is the lesser of its concurrency and its rate budget.
+    SELECT queue, key,
+           least(concurrency_limit - running,
+                 conveyor.rate_room(rate_limit, rate_period_s, rate_window_start,
+                                    rate_window_count)) AS free
     FROM conveyor.concurrency_keys
     WHERE queue = ANY(%(queues)s::text[])
       AND waiting > 0
       AND running < concurrency_limit
+      AND conveyor.rate_room(rate_limit, rate_period_s, rate_window_start,
+                             rate_window_count) > 0
     ORDER BY updated_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -311,11 +321,23 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: job_count_due
--- Jobs that are due and waiting, or running, in some queues (test drains, idle checks).
+-- Jobs a claim could take now (due, window open, key with room), or running, in
+-- some queues: "is there anything left to do right now" for test drains.
 SELECT count(*) AS count
-FROM conveyor.jobs
-WHERE queue = ANY(%(queues)s::text[])
-  AND (state = 'running' OR (state IN ('scheduled', 'available') AND run_at <= conveyor.now()));
+FROM conveyor.jobs AS j
+LEFT JOIN conveyor.concurrency_keys AS k
+  ON k.queue = j.queue AND k.key = j.concurrency_key
+WHERE j.queue = ANY(%(queues)s::text[])
+  AND (
+      j.state = 'running'
+      OR (j.state IN ('scheduled', 'available')
+          AND j.run_at <= conveyor.now()
+          AND conveyor.in_window(conveyor.now(), j.window_start, j.window_end, j.window_tz)
+          AND (j.concurrency_key IS NULL
+               OR (k.running < k.concurrency_limit
+                   AND conveyor.rate_room(k.rate_limit, k.rate_period_s,
+                                          k.rate_window_start, k.rate_window_count) > 0)))
+  );
 
 -- name: job_cancel_many
 -- Cancel jobs by id and/or filter. Waiting jobs end `cancelled` at once; running
