@@ -33,7 +33,7 @@ from conveyor.errors import (
     TransientDatabaseError,
     WaitTimeout,
 )
-from conveyor.jobs import Job, JobState, KeyStats, WorkerInfo
+from conveyor.jobs import Job, JobState, KeyStats, QueueStats, WorkerInfo
 from conveyor.outcomes import Cancel, Retry, Snooze
 from conveyor.retry import ExponentialBackoff, FixedDelay, RetryPolicy
 from conveyor.tasks import JobSpec, RateLimit, Task, TaskOptions
@@ -60,6 +60,7 @@ __all__ = [
     "KeyStats",
     "PayloadTooLarge",
     "QueueFull",
+    "QueueStats",
     "RateLimit",
     "Retry",
     "RetryPolicy",

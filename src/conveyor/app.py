@@ -44,7 +44,7 @@ from conveyor.errors import (
     TaskNotFound,
     WaitTimeout,
 )
-from conveyor.jobs import Job, KeyStats, WorkerInfo
+from conveyor.jobs import Job, KeyStats, QueueStats, WorkerInfo
 from conveyor.migrations.migrator import check_schema, migrate
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
 from conveyor.tasks import (
@@ -395,6 +395,11 @@ class App:
         """Per-key limits and counts (waiting, running, totals), kept by the database."""
         rows = await self.db.fetch("list keys", "key_list", {"queue": queue})
         return [KeyStats.from_row(r) for r in rows]
+
+    async def queue_stats(self) -> list[QueueStats]:
+        """Per-queue counts and totals, kept by the database in every job's transaction."""
+        rows = await self.db.fetch("read queue stats", "queue_stats")
+        return [QueueStats.from_row(r) for r in rows]
 
     async def set_limit(self, key: str, limit: int, *, queue: str = DEFAULT_QUEUE) -> KeyStats:
         """Change (or create) a key's limit; the next claim uses it."""

@@ -161,3 +161,26 @@ class KeyStats:
 
 
 _KEY_FIELDS = frozenset(KeyStats.__dataclass_fields__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueStats:
+    """One queue's counts and totals, exactly as of the last commit."""
+
+    queue: str
+    waiting: int
+    """Jobs scheduled or available."""
+    running: int
+    total_enqueued: int
+    total_succeeded: int
+    total_failed: int
+    total_cancelled: int
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> QueueStats:
+        """Build from a `queue_stats` row."""
+        return cls(**{k: v for k, v in row.items() if k in _QUEUE_FIELDS})
+
+
+_QUEUE_FIELDS = frozenset(QueueStats.__dataclass_fields__)

@@ -68,15 +68,27 @@ class ExecutionWindow:
         return local >= self.start or local < self.end
 
     def next_open(self, at: datetime) -> datetime:
-        """`at` if the window is open then, else the next time it opens."""
+        """`at` if the window is open then, else the first instant after it when it is.
+
+        Mirrors `<schema>.window_next_open`: the earliest in-window candidate
+        among the instants whose local time is `start` (both readings of a
+        repeated hour, the shifted one of a skipped hour) and the whole UTC hours
+        ahead (a clock change can itself open the window).
+        """
         if self.contains(at):
             return at
         zone = ZoneInfo(self.tz)
-        local = at.astimezone(zone)
-        candidate = datetime.combine(local.date(), self.start, tzinfo=zone)
-        if candidate <= local:
-            candidate = datetime.combine(local.date() + timedelta(days=1), self.start, tzinfo=zone)
-        return candidate.astimezone(UTC)
+        local_day = at.astimezone(zone).date()
+        candidates: list[datetime] = []
+        for days in range(-1, 3):
+            day = local_day + timedelta(days=days)
+            for fold in (0, 1):
+                local = datetime.combine(day, self.start, tzinfo=zone).replace(fold=fold)
+                base = local.astimezone(UTC)
+                candidates += [base + timedelta(hours=h) for h in (-1, 0, 1)]
+        top = at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        candidates += [top + timedelta(hours=h) for h in range(1, 51)]
+        return min(c for c in candidates if c > at and self.contains(c))
 
 
 def as_window(value: ExecutionWindow | str | None) -> ExecutionWindow | None:

@@ -22,7 +22,7 @@ from conveyor.app import App
 from conveyor.cli.loader import load_app
 from conveyor.config import Config, WorkerConfig
 from conveyor.errors import ConveyorError
-from conveyor.jobs import JobState, KeyStats, WorkerInfo
+from conveyor.jobs import JobState, KeyStats, QueueStats, WorkerInfo
 from conveyor.worker.worker import Worker
 
 cli = typer.Typer(
@@ -322,16 +322,30 @@ def stats(
     database_url: DatabaseUrl = None,
     schema: Schema = None,
 ) -> None:
-    """Per-key statistics kept by the database: limit, waiting, running, totals."""
+    """Per-queue and per-key statistics kept by the database: waiting, running, totals."""
     app = _app_from_options(database_url, schema)
 
-    async def read() -> list[KeyStats]:
+    async def read() -> tuple[list[QueueStats], list[KeyStats]]:
         try:
-            return await app.keys(queue=queue)
+            return await app.queue_stats(), await app.keys(queue=queue)
         finally:
             await app.close()
 
-    rows = _run(read)
+    queues, rows = _run(read)
+    per_queue = Table(title=f"conveyor queues ({app.config.schema})")
+    for column in ("queue", "waiting", "running", "enqueued", "succeeded", "failed", "cancelled"):
+        per_queue.add_column(column, justify="left" if column == "queue" else "right")
+    for q in queues:
+        if queue is None or q.queue == queue:
+            per_queue.add_row(
+                q.queue,
+                *map(
+                    str,
+                    (q.waiting, q.running, q.total_enqueued, q.total_succeeded, q.total_failed,
+                     q.total_cancelled),
+                ),
+            )  # fmt: skip
+    console.print(per_queue)
     table = Table(title=f"conveyor concurrency keys ({app.config.schema})")
     columns = ("queue", "key", "limit", "waiting", "running", "enqueued", "succeeded", "failed",
                "cancelled")  # fmt: skip

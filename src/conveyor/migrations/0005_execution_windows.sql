@@ -23,15 +23,29 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     END
 $$;
 
--- `at` if the window is open then, else the next time it opens.
+-- `at` if the window is open then, else the first instant after it when it is.
+-- Candidates: the instants whose local time is `start` on the surrounding days,
+-- each also one hour earlier and later (a start time that occurs twice on the
+-- night clocks fall back, or not at all when they spring forward), and every
+-- whole UTC hour ahead (a clock change can itself open a window). The earliest
+-- candidate after `at` that is inside the window is the opening.
 CREATE FUNCTION conveyor.window_next_open(at timestamptz, start_t time, end_t time, tz text)
 RETURNS timestamptz
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE
         WHEN conveyor.in_window(at, start_t, end_t, tz) THEN at
-        WHEN ((at AT TIME ZONE tz)::date + start_t) > (at AT TIME ZONE tz)
-            THEN ((at AT TIME ZONE tz)::date + start_t) AT TIME ZONE tz
-        ELSE ((at AT TIME ZONE tz)::date + 1 + start_t) AT TIME ZONE tz
+        ELSE (
+            SELECT min(c)
+            FROM (
+                SELECT (((at AT TIME ZONE tz)::date + d + start_t) AT TIME ZONE tz)
+                       + make_interval(hours => h) AS c
+                FROM generate_series(-1, 2) AS d, generate_series(-1, 1) AS h
+                UNION ALL
+                SELECT date_trunc('hour', at, 'UTC') + make_interval(hours => h)
+                FROM generate_series(1, 50) AS h
+            ) AS candidates
+            WHERE c > at AND conveyor.in_window(c, start_t, end_t, tz)
+        )
     END
 $$;
 
@@ -39,3 +53,8 @@ $$;
 -- to the next opening so claims do not keep stepping over them.
 CREATE INDEX jobs_window_due_idx ON conveyor.jobs (run_at)
     WHERE window_tz IS NOT NULL AND state IN ('scheduled', 'available');
+
+-- "Does this key have a due job?" for the claim's key scan: the lowest run_at of
+-- a key's waiting jobs, without stepping over the rest.
+CREATE INDEX jobs_keyed_due_idx ON conveyor.jobs (queue, concurrency_key, run_at)
+    WHERE state IN ('scheduled', 'available') AND concurrency_key IS NOT NULL;

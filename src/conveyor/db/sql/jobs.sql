@@ -38,9 +38,14 @@ timed AS (
     -- An explicit run_at wins; otherwise now + delay on the database clock; then
     -- the next opening of the job's execution window, if it has one.
     SELECT input.*,
-           conveyor.window_next_open(
-               coalesce(run_at, conveyor.now() + make_interval(secs => delay_s)),
-               window_start, window_end, window_tz) AS due
+           CASE WHEN window_tz IS NULL
+                THEN coalesce(run_at, conveyor.now() + make_interval(secs => delay_s))
+                -- A windowed job due in the past is due now: its window must be open now.
+                ELSE conveyor.window_next_open(
+                    greatest(coalesce(run_at, conveyor.now() + make_interval(secs => delay_s)),
+                             conveyor.now()),
+                    window_start, window_end, window_tz)
+           END AS due
     FROM input
 )
 INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run_at,
@@ -98,9 +103,14 @@ timed AS (
     -- An explicit run_at wins; otherwise now + delay on the database clock; then
     -- the next opening of the job's execution window, if it has one.
     SELECT input.*,
-           conveyor.window_next_open(
-               coalesce(run_at, conveyor.now() + make_interval(secs => delay_s)),
-               window_start, window_end, window_tz) AS due
+           CASE WHEN window_tz IS NULL
+                THEN coalesce(run_at, conveyor.now() + make_interval(secs => delay_s))
+                -- A windowed job due in the past is due now: its window must be open now.
+                ELSE conveyor.window_next_open(
+                    greatest(coalesce(run_at, conveyor.now() + make_interval(secs => delay_s)),
+                             conveyor.now()),
+                    window_start, window_end, window_tz)
+           END AS due
     FROM input
 )
 INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run_at,
@@ -169,6 +179,16 @@ free_keys AS (
       AND running < concurrency_limit
       AND conveyor.rate_room(rate_limit, rate_period_s, rate_window_start,
                              rate_window_count) > 0
+      -- Only keys with a due job: keys whose jobs all wait for a delay or a
+      -- window must not use up the LIMIT and starve keys with work to do.
+      AND EXISTS (
+          SELECT 1 FROM conveyor.jobs AS j
+          WHERE j.queue = concurrency_keys.queue
+            AND j.concurrency_key = concurrency_keys.key
+            AND j.state IN ('scheduled', 'available')
+            AND j.run_at <= conveyor.now()
+            AND conveyor.in_window(conveyor.now(), j.window_start, j.window_end, j.window_tz)
+      )
     ORDER BY updated_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -455,3 +475,17 @@ told AS (
     FROM superseded
 )
 SELECT superseded.id FROM superseded, told;
+
+-- name: queue_stats
+-- Per-queue counts and totals (the sum of the queue's shards), exact as of the last commit.
+SELECT queue,
+       sum(waiting)::bigint AS waiting,
+       sum(running)::bigint AS running,
+       sum(total_enqueued)::bigint AS total_enqueued,
+       sum(total_succeeded)::bigint AS total_succeeded,
+       sum(total_failed)::bigint AS total_failed,
+       sum(total_cancelled)::bigint AS total_cancelled,
+       max(updated_at) AS updated_at
+FROM conveyor.queue_stats
+GROUP BY queue
+ORDER BY queue;
