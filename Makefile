@@ -31,3 +31,4 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --jobs 10000 --concurrency 10
 	$(BIN)/python benchmarks/throughput.py --jobs 10000 --concurrency 50
+	$(BIN)/python benchmarks/keys.py --jobs 10000 --limit 10
