@@ -74,6 +74,9 @@ class TaskOptions:
     `RateLimit(10, timedelta(seconds=1))`."""
 
     def __post_init__(self) -> None:
+        if self.rate_limit is not None and self.concurrency_limit is None:
+            # A rate applies per key; without a limit of its own the key is unbounded.
+            object.__setattr__(self, "concurrency_limit", CONCURRENCY_LIMIT_MAX)
         try:
             _check_options(self.queue, self.priority, self.max_attempts, self.timeout)
             check_concurrency_limit(self.concurrency_limit)
@@ -82,9 +85,6 @@ class TaskOptions:
         if self.concurrency_key is not None and self.concurrency_limit is None:
             raise ConfigError("task option: concurrency_key needs a concurrency_limit")
         _check_cap_options(self.max_queue_length, self.concurrency_limit, ConfigError)
-        if self.rate_limit is not None and self.concurrency_limit is None:
-            # A rate applies per key; without a limit of its own the key is unbounded.
-            object.__setattr__(self, "concurrency_limit", CONCURRENCY_LIMIT_MAX)
 
 
 def _check_options(queue: str, priority: int, max_attempts: int, timeout: timedelta | None) -> None:
@@ -409,9 +409,12 @@ class TaskCall:
         """A `JobSpec` with these options and arguments (arguments are checked)."""
         self.task.check_arguments(args)
         spec = replace(self._template, args=args)
-        options = self.task.options
-        if spec.concurrency_key is None and options.concurrency_limit is not None:
-            source = options.concurrency_key or self.task.name
+        if spec.rate_limit is not None and spec.concurrency_limit is None:
+            spec = replace(spec, concurrency_limit=CONCURRENCY_LIMIT_MAX)
+        if spec.concurrency_key is None and spec.concurrency_limit is not None:
+            # Per-task or per-enqueue limits without an explicit key: the task's key
+            # template, else one key for the whole task.
+            source = self.task.options.concurrency_key or self.task.name
             spec = replace(spec, concurrency_key=resolve_key(source, args, self.task.name))
         return spec
 

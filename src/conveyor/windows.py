@@ -72,8 +72,8 @@ class ExecutionWindow:
 
         Mirrors `<schema>.window_next_open`: the earliest in-window candidate
         among the instants whose local time is `start` (both readings of a
-        repeated hour, the shifted one of a skipped hour) and the whole UTC hours
-        ahead (a clock change can itself open the window).
+        repeated hour, the shifted one of a skipped hour) and the UTC quarter
+        hours ahead (a clock change can itself open the window).
         """
         if self.contains(at):
             return at
@@ -87,7 +87,7 @@ class ExecutionWindow:
                 base = local.astimezone(UTC)
                 candidates += [base + timedelta(hours=h) for h in (-1, 0, 1)]
         top = at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-        candidates += [top + timedelta(hours=h) for h in range(1, 51)]
+        candidates += [top + timedelta(minutes=15 * q) for q in range(1, 201)]
         return min(c for c in candidates if c > at and self.contains(c))
 
 

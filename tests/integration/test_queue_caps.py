@@ -120,3 +120,26 @@ def test_bad_cap_options_are_config_errors(app: App, options: dict[str, int], me
         @app.task(name="bad", **options)  # type: ignore[call-overload]
         async def bad(ctx: JobContext) -> None:
             return None
+
+
+async def test_a_key_created_by_set_limit_still_gets_its_cap_from_the_first_enqueue(
+    app: App,
+) -> None:
+    capped = _capped(app, cap=2)
+    await app.set_limit("capped", 1)
+    await app.enqueue_many([capped.job(i=i) for i in range(2)])
+    with pytest.raises(QueueFull):
+        await capped.enqueue(i=2)
+    (key,) = await app.keys()
+    assert (key.max_queue_length, key.concurrency_limit) == (2, 1)
+
+
+async def test_a_per_enqueue_limit_on_an_unlimited_task_makes_a_task_key(app: App) -> None:
+    @app.task(name="plain")
+    async def plain(ctx: JobContext, i: int) -> None:
+        return None
+
+    job = await plain.configure(concurrency_limit=1).enqueue(i=1)
+    assert job.concurrency_key == "plain"
+    (key,) = await app.keys()
+    assert key.concurrency_limit == 1

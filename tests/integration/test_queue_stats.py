@@ -98,3 +98,26 @@ async def test_queue_stats_equal_a_recount_through_every_phase(app: App) -> None
         live = recount.get(queue, {"waiting": 0, "running": 0})
         assert (counts["waiting"], counts["running"]) == (live["waiting"], live["running"])
     assert after_delete["a"]["total_succeeded"] > 0, "retention keeps the totals"
+
+
+async def test_an_open_caller_transaction_blocks_no_worker_on_its_queue(
+    app: App, database_url: str
+) -> None:
+    import psycopg
+
+    @app.task(name="ok", queue="a")
+    async def ok(ctx: JobContext) -> None:
+        return None
+
+    await app.enqueue_many([ok.job() for _ in range(30)])
+    conn = await psycopg.AsyncConnection.connect(database_url)
+    async with conn, conn.transaction(force_rollback=True):
+        # The caller's statement appended its queue delta and holds that row only.
+        await ok.configure(connection=conn).enqueue()
+        jobs = await drain(
+            app,
+            WorkerConfig(queues=("a",), concurrency=4, poll_interval=timedelta(milliseconds=50)),
+            timeout=20,
+        )
+        assert sum(j.state == "succeeded" for j in jobs) == 30
+    assert await _stats(app) == await _recount(app)

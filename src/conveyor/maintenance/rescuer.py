@@ -94,6 +94,7 @@ class Rescuer(BackgroundService):
                 "job_reschedule_closed_windows",
                 conn=conn,
             )
+            await self._db.fetch("fold queue statistics", "queue_stats_compact", conn=conn)
         report = RescueReport(
             ran=True,
             rescued=rescued,

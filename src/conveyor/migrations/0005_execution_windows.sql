@@ -27,7 +27,8 @@ $$;
 -- Candidates: the instants whose local time is `start` on the surrounding days,
 -- each also one hour earlier and later (a start time that occurs twice on the
 -- night clocks fall back, or not at all when they spring forward), and every
--- whole UTC hour ahead (a clock change can itself open a window). The earliest
+-- quarter hour (UTC) ahead for 50 hours (a clock change, at a quarter hour in
+-- every zone in use, can itself open a window). The earliest
 -- candidate after `at` that is inside the window is the opening.
 CREATE FUNCTION conveyor.window_next_open(at timestamptz, start_t time, end_t time, tz text)
 RETURNS timestamptz
@@ -41,8 +42,8 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
                        + make_interval(hours => h) AS c
                 FROM generate_series(-1, 2) AS d, generate_series(-1, 1) AS h
                 UNION ALL
-                SELECT date_trunc('hour', at, 'UTC') + make_interval(hours => h)
-                FROM generate_series(1, 50) AS h
+                SELECT date_trunc('hour', at, 'UTC') + make_interval(mins => 15 * q)
+                FROM generate_series(1, 200) AS q
             ) AS candidates
             WHERE c > at AND conveyor.in_window(c, start_t, end_t, tz)
         )

@@ -109,14 +109,22 @@ BEGIN
         RETURN true;
     END IF;
     -- A key's limit, cap and rate are set by its first enqueue; later changes go
-    -- through key_set_limit, which an enqueue never overrides.
-    INSERT INTO conveyor.concurrency_keys
+    -- through key_set_limit, which an enqueue never overrides. A key created by
+    -- key_set_limit before any enqueue still gets its cap and rate from the first.
+    INSERT INTO conveyor.concurrency_keys AS ck
         (queue, key, concurrency_limit, max_queue_length, rate_limit, rate_period_s)
     SELECT t.q, t.key_name, t.lim, t.cap, t.rate, t.period
     FROM unnest(queues, keys, limits, caps, rates, periods)
         AS t(q, key_name, lim, cap, rate, period)
     ORDER BY t.q, t.key_name
-    ON CONFLICT (queue, key) DO NOTHING;
+    ON CONFLICT (queue, key) DO UPDATE
+    SET max_queue_length = coalesce(ck.max_queue_length, excluded.max_queue_length),
+        rate_limit = CASE WHEN ck.rate_limit IS NULL THEN excluded.rate_limit
+                          ELSE ck.rate_limit END,
+        rate_period_s = CASE WHEN ck.rate_limit IS NULL THEN excluded.rate_period_s
+                             ELSE ck.rate_period_s END
+    WHERE (ck.max_queue_length IS NULL AND excluded.max_queue_length IS NOT NULL)
+       OR (ck.rate_limit IS NULL AND excluded.rate_limit IS NOT NULL);
 
     FOR row IN
         SELECT ck.queue, ck.key, ck.waiting, ck.max_queue_length, t.n

@@ -1,26 +1,29 @@
 -- 0008_queue_stats: per-queue statistics, exact at every commit.
 --
--- Statement-level triggers add each statement's deltas to one of SHARDS rows
--- per queue (chosen by backend), so concurrent workers do not queue up on a
--- single counter row; readers sum the shards.
+-- Statement-level triggers append each statement's per-queue deltas as new
+-- rows; readers sum them, and the maintenance pass folds them into one row per
+-- queue. Appending never waits on another transaction, so a caller's open
+-- transaction that enqueued a job blocks no worker here (an UPDATE of a shared
+-- counter row would).
 
 CREATE TABLE conveyor.queue_stats (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     queue text NOT NULL,
-    shard smallint NOT NULL,
     waiting bigint NOT NULL DEFAULT 0,
     running bigint NOT NULL DEFAULT 0,
     total_enqueued bigint NOT NULL DEFAULT 0,
     total_succeeded bigint NOT NULL DEFAULT 0,
     total_failed bigint NOT NULL DEFAULT 0,
     total_cancelled bigint NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT statement_timestamp(),
-    PRIMARY KEY (queue, shard)
+    updated_at timestamptz NOT NULL DEFAULT statement_timestamp()
 );
 
--- Jobs that exist before this migration count in shard 0.
-INSERT INTO conveyor.queue_stats (queue, shard, waiting, running, total_enqueued,
+CREATE INDEX queue_stats_queue_idx ON conveyor.queue_stats (queue);
+
+-- Jobs that exist before this migration.
+INSERT INTO conveyor.queue_stats (queue, waiting, running, total_enqueued,
                                   total_succeeded, total_failed, total_cancelled)
-SELECT queue, 0,
+SELECT queue,
        count(*) FILTER (WHERE state IN ('scheduled', 'available')),
        count(*) FILTER (WHERE state = 'running'),
        count(*),
@@ -32,22 +35,32 @@ GROUP BY queue;
 
 CREATE FUNCTION conveyor.add_queue_deltas(deltas jsonb) RETURNS void
 LANGUAGE sql AS $$
-    INSERT INTO conveyor.queue_stats AS s (queue, shard, waiting, running, total_enqueued,
-                                          total_succeeded, total_failed, total_cancelled)
-    SELECT d.queue, pg_backend_pid() % 16, d.waiting, d.running, d.enqueued,
-           d.succeeded, d.failed, d.cancelled
+    INSERT INTO conveyor.queue_stats (queue, waiting, running, total_enqueued,
+                                      total_succeeded, total_failed, total_cancelled)
+    SELECT d.queue, d.waiting, d.running, d.enqueued, d.succeeded, d.failed, d.cancelled
     FROM jsonb_to_recordset(deltas) AS d(queue text, waiting integer, running integer,
                                          enqueued integer, succeeded integer,
-                                         failed integer, cancelled integer)
-    ORDER BY d.queue
-    ON CONFLICT (queue, shard) DO UPDATE
-    SET waiting = s.waiting + excluded.waiting,
-        running = s.running + excluded.running,
-        total_enqueued = s.total_enqueued + excluded.total_enqueued,
-        total_succeeded = s.total_succeeded + excluded.total_succeeded,
-        total_failed = s.total_failed + excluded.total_failed,
-        total_cancelled = s.total_cancelled + excluded.total_cancelled,
-        updated_at = statement_timestamp();
+                                         failed integer, cancelled integer);
+$$;
+
+-- Fold the committed deltas into one row per queue (run by the maintenance
+-- pass). Deltas not yet committed are not visible, so they are left for later.
+CREATE FUNCTION conveyor.compact_queue_stats() RETURNS bigint
+LANGUAGE sql AS $$
+    WITH folded AS (
+        DELETE FROM conveyor.queue_stats RETURNING *
+    ),
+    summed AS (
+        INSERT INTO conveyor.queue_stats (queue, waiting, running, total_enqueued,
+                                          total_succeeded, total_failed, total_cancelled,
+                                          updated_at)
+        SELECT queue, sum(waiting), sum(running), sum(total_enqueued), sum(total_succeeded),
+               sum(total_failed), sum(total_cancelled), max(updated_at)
+        FROM folded
+        GROUP BY queue
+        RETURNING 1
+    )
+    SELECT count(*) FROM folded;
 $$;
 
 CREATE FUNCTION conveyor.count_queues_inserted() RETURNS trigger

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 from conveyor.config import WorkerConfig
 from conveyor.db.control import jobs_channel
@@ -133,6 +134,25 @@ class Producer(BackgroundService):
             idempotent=False,
         )
         self.claims += 1
-        jobs = [Job.from_row(r) for r in rows]
-        jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
-        return jobs
+        return claim_order([Job.from_row(r) for r in rows])
+
+
+def claim_order(jobs: list[Job]) -> list[Job]:
+    """The order to start a claimed batch in: the claim statement's own order.
+
+    Unkeyed jobs by priority, run time, id; a key's jobs as a block behind its
+    head (the key's smallest id), in id order, so a batch never starts a later
+    job of a key before an earlier one.
+    """
+    heads: dict[tuple[str, str], Job] = {}
+    for job in sorted(jobs, key=lambda j: j.id):
+        if job.concurrency_key is not None:
+            heads.setdefault((job.queue, job.concurrency_key), job)
+
+    def position(job: Job) -> tuple[int, datetime, int, int]:
+        if job.concurrency_key is None:
+            return (-job.priority, job.run_at, job.id, 0)
+        head = heads[(job.queue, job.concurrency_key)]
+        return (-head.priority, head.run_at, head.id, job.id)
+
+    return sorted(jobs, key=position)

@@ -489,3 +489,7 @@ SELECT queue,
 FROM conveyor.queue_stats
 GROUP BY queue
 ORDER BY queue;
+
+-- name: queue_stats_compact
+-- Fold per-statement queue deltas into one row per queue.
+SELECT conveyor.compact_queue_stats() AS folded;
