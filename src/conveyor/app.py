@@ -243,10 +243,14 @@ class App:
                 conn=conn,
             )
         rows: list[Row] = []
-        for query, chunk in plan.statements:
+        for supersede, chunk in plan.statements:
             with _queue_full_as_typed_error():
                 rows += await self.db.fetch(
-                    "enqueue jobs", query, _insert_params(chunk), conn=conn, idempotent=False
+                    "enqueue jobs",
+                    "job_insert_many",
+                    _insert_params(chunk, supersede),
+                    conn=conn,
+                    idempotent=False,
                 )
         existing: list[Row] = []
         if missing := missing_dedup_keys(plan, rows):
@@ -273,10 +277,14 @@ class App:
                 conn=conn,
             )
         rows: list[Row] = []
-        for query, chunk in plan.statements:
+        for supersede, chunk in plan.statements:
             with _queue_full_as_typed_error():
                 rows += self.db.fetch_sync(
-                    "enqueue jobs", query, _insert_params(chunk), conn=conn, idempotent=False
+                    "enqueue jobs",
+                    "job_insert_many",
+                    _insert_params(chunk, supersede),
+                    conn=conn,
+                    idempotent=False,
                 )
         existing: list[Row] = []
         if missing := missing_dedup_keys(plan, rows):
@@ -459,8 +467,8 @@ def _fields(config: Config) -> dict[str, Any]:
     return {name: getattr(config, name) for name in config.__dataclass_fields__}
 
 
-def _insert_params(jobs: Sequence[EncodedJob]) -> dict[str, list[Any]]:
-    return columns(
+def _insert_params(jobs: Sequence[EncodedJob], supersede: bool = False) -> dict[str, Any]:
+    return {"supersede": supersede} | columns(
         jobs, "queue", "task", "args", "priority", "max_attempts", "run_at", "delay_s",
         "timeout_ms", "meta", "concurrency_key", "concurrency_limit", "max_queue_length",
         "window_start", "window_end", "window_tz", "dedup_key", "rate_limit", "rate_period_s",

@@ -26,7 +26,8 @@ DedupKey = tuple[str, str]
 class InsertPlan:
     """The statements one enqueue_many sends, in order."""
 
-    statements: list[tuple[str, Sequence[EncodedJob]]] = field(default_factory=list)
+    statements: list[tuple[bool, Sequence[EncodedJob]]] = field(default_factory=list)
+    """(supersede, jobs) per job_insert_many statement."""
     supersede_running: list[DedupKey] = field(default_factory=list)
     dedup_keys: list[DedupKey] = field(default_factory=list)
 
@@ -39,16 +40,23 @@ class InsertPlan:
 def plan_insert(jobs: Sequence[EncodedJob]) -> InsertPlan:
     """Split `jobs` into chunks of plain inserts and one superseding insert."""
     plan = InsertPlan()
-    plain = [j for j in jobs if j.on_conflict != "supersede" or j.dedup_key is None]
+    plain: list[EncodedJob] = []
+    first_of_key: set[DedupKey] = set()
     superseding: dict[DedupKey, EncodedJob] = {}
     for job in jobs:
-        if job.on_conflict == "supersede" and job.dedup_key is not None:
-            # One statement cannot update a row twice: the last enqueue of a key wins.
-            superseding[(job.task, job.dedup_key)] = job
+        key = None if job.dedup_key is None else (job.task, job.dedup_key)
+        if key is not None and job.on_conflict == "supersede":
+            # The last enqueue of a key wins (one statement cannot update a row twice).
+            superseding[key] = job
+        elif key is None or key not in first_of_key:
+            # Later specs of a key resolve to the first one's job (see `assemble`).
+            plain.append(job)
+            if key is not None:
+                first_of_key.add(key)
     for start in range(0, len(plain), INSERT_CHUNK):
-        plan.statements.append(("job_insert_many", plain[start : start + INSERT_CHUNK]))
+        plan.statements.append((False, plain[start : start + INSERT_CHUNK]))
     if superseding:
-        plan.statements.append(("job_insert_superseding", list(superseding.values())))
+        plan.statements.append((True, list(superseding.values())))
         plan.supersede_running = [k for k, j in superseding.items() if j.supersede_running]
     plan.dedup_keys = sorted({(j.task, j.dedup_key) for j in jobs if j.dedup_key is not None})
     return plan

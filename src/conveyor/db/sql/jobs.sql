@@ -58,74 +58,11 @@ SELECT queue, task, args::jsonb,
 FROM timed, keys_ready
 WHERE keys_ready.ready
 ORDER BY ord
--- A live job of the same task and dedup key wins: this row is dropped, and the
--- caller reads the existing job (job_get_by_dedup_keys).
-ON CONFLICT (task, dedup_key)
-    WHERE dedup_key IS NOT NULL AND state IN ('scheduled', 'available', 'running')
-    DO NOTHING
-RETURNING *;
-
--- name: job_insert_superseding
--- Like job_insert_many, but a waiting job with the same task and dedup key is
--- replaced in place (arguments, options, run time) instead of kept.
-WITH input AS (
-    -- One row per job, in the caller's order (ord), so ids follow that order.
-    SELECT *
-    FROM unnest(
-        %(queue)s::text[], %(task)s::text[], %(args)s::text[], %(priority)s::smallint[],
-        %(max_attempts)s::integer[], %(run_at)s::timestamptz[], %(delay_s)s::float8[],
-        %(timeout_ms)s::integer[], %(meta)s::text[], %(concurrency_key)s::text[],
-        %(concurrency_limit)s::integer[], %(max_queue_length)s::integer[],
-        %(window_start)s::time[], %(window_end)s::time[], %(window_tz)s::text[],
-        %(dedup_key)s::text[], %(rate_limit)s::integer[], %(rate_period_s)s::float8[]
-    ) WITH ORDINALITY AS i(queue, task, args, priority, max_attempts, run_at, delay_s,
-                           timeout_ms, meta, concurrency_key, concurrency_limit,
-                           max_queue_length, window_start, window_end, window_tz,
-                           dedup_key, rate_limit, rate_period_s, ord)
-),
-keys_ready AS (
-    -- Create the batch's keys, lock them, and refuse the whole batch (SQLSTATE
-    -- CVQ01) if one would pass its cap: all or nothing.
-    SELECT conveyor.prepare_keys(
-        array_agg(queue), array_agg(key), array_agg(lim), array_agg(cap), array_agg(n),
-        array_agg(rate), array_agg(period)
-    ) AS ready
-    FROM (
-        SELECT queue, concurrency_key AS key, min(concurrency_limit) AS lim,
-               min(max_queue_length) AS cap, count(*)::integer AS n,
-               min(rate_limit) AS rate, min(rate_period_s) AS period
-        FROM input
-        WHERE concurrency_key IS NOT NULL
-        GROUP BY queue, concurrency_key
-    ) AS per_key
-),
-timed AS (
-    -- An explicit run_at wins; otherwise now + delay on the database clock; then
-    -- the next opening of the job's execution window, if it has one.
-    SELECT input.*,
-           CASE WHEN window_tz IS NULL
-                THEN coalesce(run_at, conveyor.now() + make_interval(secs => delay_s))
-                -- A windowed job due in the past is due now: its window must be open now.
-                ELSE conveyor.window_next_open(
-                    greatest(coalesce(run_at, conveyor.now() + make_interval(secs => delay_s)),
-                             conveyor.now()),
-                    window_start, window_end, window_tz)
-           END AS due
-    FROM input
-)
-INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run_at,
-                           created_at, timeout_ms, meta, concurrency_key,
-                           window_start, window_end, window_tz, dedup_key)
-SELECT queue, task, args::jsonb,
-       (CASE WHEN due > conveyor.now() THEN 'scheduled' ELSE 'available' END)::conveyor.job_state,
-       priority, max_attempts, due, conveyor.now(), timeout_ms, meta::jsonb, concurrency_key,
-       window_start, window_end, window_tz, dedup_key
-FROM timed, keys_ready
-WHERE keys_ready.ready
-ORDER BY ord
--- The waiting job takes the newer enqueue's arguments and options; its id, its
--- place in its key (the key itself is kept) and its history stay. A running job
--- is left alone here (see job_supersede_running).
+-- A live job of the same task and dedup key wins: this row is dropped and the
+-- caller reads the existing job (job_get_by_dedup_keys). When superseding, a
+-- waiting one instead takes this enqueue's arguments and options, keeping its
+-- id, history, queue and concurrency key; a running one is left alone (see
+-- job_supersede_running). A batch never holds one key twice (enqueue_plan).
 ON CONFLICT (task, dedup_key)
     WHERE dedup_key IS NOT NULL AND state IN ('scheduled', 'available', 'running')
     DO UPDATE SET args = excluded.args,
@@ -138,7 +75,7 @@ ON CONFLICT (task, dedup_key)
                   window_start = excluded.window_start,
                   window_end = excluded.window_end,
                   window_tz = excluded.window_tz
-    WHERE conveyor.jobs.state IN ('scheduled', 'available')
+    WHERE %(supersede)s::boolean AND conveyor.jobs.state IN ('scheduled', 'available')
 RETURNING *;
 
 -- name: job_claim_many
