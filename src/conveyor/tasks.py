@@ -99,6 +99,8 @@ def _check_options(queue: str, priority: int, max_attempts: int, timeout: timede
             f"max_attempts must be an integer within [1, {MAX_ATTEMPTS_LIMIT}], "
             f"got {max_attempts!r}"
         )
+    if timeout is not None and not isinstance(timeout, timedelta):
+        raise InvalidJobOptions(f"timeout must be a timedelta, got {timeout!r}")
     if timeout is not None and not TIMEOUT_MIN <= timeout <= TIMEOUT_MAX:
         raise InvalidJobOptions(
             f"timeout must be within [{TIMEOUT_MIN}, {TIMEOUT_MAX}], got {timeout}"
@@ -143,6 +145,15 @@ class RateLimit:
             raise ConfigError(f"RateLimit.count must be an integer >= 1, got {self.count!r}")
         if not isinstance(self.per, timedelta) or self.per <= timedelta(0):
             raise ConfigError(f"RateLimit.per must be a positive duration, got {self.per!r}")
+
+
+def _check_types(delay: object, run_at: object, rate_limit: object) -> None:
+    if delay is not None and not isinstance(delay, timedelta):
+        raise InvalidJobOptions(f"delay must be a timedelta, got {delay!r}")
+    if run_at is not None and not isinstance(run_at, datetime):
+        raise InvalidJobOptions(f"run_at must be a timezone-aware datetime, got {run_at!r}")
+    if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+        raise InvalidJobOptions(f"rate_limit must be a RateLimit, got {rate_limit!r}")
 
 
 def _check_dedup(dedup_key: object, on_conflict: object, supersede_running: object) -> None:
@@ -232,6 +243,7 @@ class JobSpec:
             if self.concurrency_limit is None:
                 raise InvalidJobOptions("concurrency_key needs a concurrency_limit")
             check_key(self.concurrency_key, self.task)
+        _check_types(self.delay, self.run_at, self.rate_limit)
         if self.delay is not None and self.run_at is not None:
             raise InvalidJobOptions("give delay or run_at, not both")
         if self.delay is not None and self.delay < timedelta(0):

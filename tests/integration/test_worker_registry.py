@@ -256,7 +256,7 @@ async def test_lost_lease_abandons_the_attempt_and_records_nothing(
         assert before.lease_token == stolen["lease_token"]
 
         reply = await worker.heartbeat_now()
-        assert reply.lost == {job.id}
+        assert {lease.job_id for lease in reply.lost} == {job.id}
         assert reply.renewed == frozenset()
 
         async def abandoned() -> bool:

@@ -33,7 +33,8 @@ class HeartbeatReply:
     """What one beat learned."""
 
     renewed: frozenset[int]
-    lost: frozenset[int]
+    lost: frozenset[HeldLease]
+    """Leases (job id and token) the database did not renew."""
     cancel_requested: frozenset[int]
     stop_requested: bool
     registered: bool
@@ -89,7 +90,7 @@ class Heartbeat:
         renewed = frozenset(int(i) for i in row["renewed"])
         return HeartbeatReply(
             renewed=renewed,
-            lost=frozenset(lease.job_id for lease in held) - renewed,
+            lost=frozenset(lease for lease in held if lease.job_id not in renewed),
             cancel_requested=frozenset(int(i) for i in row["cancel"]),
             stop_requested=bool(row["stop_requested"]),
             registered=bool(row["registered"]),

@@ -104,6 +104,8 @@ class Worker:
         self._running: dict[int, _Running] = {}
         self._leaked: set[asyncio.Future[Any]] = set()
         self._leaked_threads: set[asyncio.Future[Any]] = set()
+        self._superseded: dict[asyncio.Task[Outcome | None], _Running] = {}
+        """Abandoned attempts still stopping whose job this worker claimed again."""
         self._abandoned: dict[int, None] = {}
         """Jobs abandoned after a lost lease (insertion-ordered, bounded)."""
         self._threads = ThreadPoolExecutor(
@@ -150,7 +152,8 @@ class Worker:
         leaked thread still occupies one of the pool's `concurrency` threads: a
         job claimed for it could not start.
         """
-        return self.config.concurrency - len(self._running) - len(self._leaked_threads)
+        busy = len(self._running) + len(self._superseded) + len(self._leaked_threads)
+        return self.config.concurrency - busy
 
     @property
     def running_job_ids(self) -> list[int]:
@@ -329,10 +332,12 @@ class Worker:
         for job_id in reply.renewed:
             if (entry := self._running.get(job_id)) is not None:
                 entry.lease_deadline = deadline
-        for job_id in reply.lost:
-            if job_id in self._running:
-                log.warning("worker %s: lease of job %s was taken back", self.id, job_id)
-                self._abandon(job_id, "lease_lost")
+        for lease in reply.lost:
+            entry = self._running.get(lease.job_id)
+            # Only the attempt that held that token: the job may be ours again since.
+            if entry is not None and entry.job.lease_token == lease.token:
+                log.warning("worker %s: lease of job %s was taken back", self.id, lease.job_id)
+                self._abandon(lease.job_id, "lease_lost")
         for job_id in reply.cancel_requested:
             if job_id in self._running:
                 self._abandon(job_id, "cancel")
@@ -385,6 +390,10 @@ class Worker:
             name=f"conveyor-job-{job.id}",
         )
         deadline = claimed_at + self.config.lease_duration.total_seconds()
+        if (previous := self._running.get(job.id)) is not None:
+            # The old attempt lost its lease and is still stopping; it must not be
+            # mistaken for this one when it ends.
+            self._superseded[previous.task] = previous
         self._running[job.id] = _Running(job, ctx, runner, deadline)
         self._idle.clear()
         self.stats.started += 1
@@ -400,7 +409,8 @@ class Worker:
             attempt.add_done_callback(lambda _: self._producer.slot_freed())
 
     def _finished(self, job_id: int, runner: asyncio.Task[Outcome | None]) -> None:
-        entry = self._running.pop(job_id)
+        superseded = self._superseded.pop(runner, None)
+        entry = superseded if superseded is not None else self._running.pop(job_id)
         token = entry.job.lease_token
         assert token is not None
         outcome: Outcome | None
