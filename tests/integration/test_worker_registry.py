@@ -326,3 +326,37 @@ async def test_worker_whose_row_was_pruned_registers_again_on_its_next_beat(
     finally:
         await worker.stop()
     assert (await row_of(app, worker.id)).state == "stopped"
+
+
+async def test_heartbeat_skips_a_row_locked_by_another_transaction_without_losing_it(
+    app: App, database_url: str
+) -> None:
+    import psycopg
+
+    release = asyncio.Event()
+
+    @app.task(name="held")
+    async def held(ctx: JobContext) -> None:
+        await release.wait()
+
+    worker = Worker(app, QUIET)
+    await worker.start()
+    try:
+        job = await held.enqueue()
+        await wait_running(app, job.id)
+        conn = await psycopg.AsyncConnection.connect(database_url)
+        async with conn, conn.transaction(force_rollback=True):
+            await conn.execute("SELECT 1 FROM conveyor.jobs WHERE id = %s FOR UPDATE", [job.id])
+            # Must return at once, not wait for the lock, and must not call it lost.
+            reply = await asyncio.wait_for(worker.heartbeat_now(), timeout=5)
+            assert reply.renewed == frozenset()
+            assert reply.lost == frozenset()
+        assert worker.running_job_ids == [job.id]
+        reply = await worker.heartbeat_now()
+        assert reply.renewed == {job.id}
+        release.set()
+        done = await app.wait(job.id, timeout=10)
+        assert done.state is JobState.SUCCEEDED
+    finally:
+        release.set()
+        await worker.stop()

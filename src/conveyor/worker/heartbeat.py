@@ -88,9 +88,10 @@ class Heartbeat:
         self.beats += 1
         row = rows[0]
         renewed = frozenset(int(i) for i in row["renewed"])
+        busy = frozenset(int(i) for i in row["busy"])
         return HeartbeatReply(
             renewed=renewed,
-            lost=frozenset(lease for lease in held if lease.job_id not in renewed),
+            lost=frozenset(lease for lease in held if lease.job_id not in renewed | busy),
             cancel_requested=frozenset(int(i) for i in row["cancel"]),
             stop_requested=bool(row["stop_requested"]),
             registered=bool(row["registered"]),

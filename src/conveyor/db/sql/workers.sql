@@ -13,15 +13,36 @@ RETURNING *;
 -- name: worker_heartbeat
 -- One round trip per beat: renew the leases this worker holds, refresh its row,
 -- and read back remote signals (stop requested, jobs whose cancel was requested).
-WITH renewed AS (
+WITH held AS (
+    SELECT * FROM unnest(%(job_id)s::bigint[], %(token)s::bigint[]) AS l(id, token)
+),
+lockable AS (
     -- Only rows whose token still matches: a lease lost to the rescuer stays lost.
+    -- Rows another transaction holds right now (this worker's own outcome write
+    -- waiting on a key row, a cancel) are skipped, never waited for: a heartbeat
+    -- that blocks would let every other lease of this worker run out.
+    SELECT j.id
+    FROM conveyor.jobs AS j
+    JOIN held ON j.id = held.id
+    WHERE j.lease_token = held.token
+      AND j.state = 'running'
+    FOR UPDATE OF j SKIP LOCKED
+),
+renewed AS (
     UPDATE conveyor.jobs AS j
     SET lease_expires_at = conveyor.now() + make_interval(secs => %(lease_s)s)
-    FROM unnest(%(job_id)s::bigint[], %(token)s::bigint[]) AS l(id, token)
-    WHERE j.id = l.id
-      AND j.lease_token = l.token
-      AND j.state = 'running'
+    FROM lockable
+    WHERE j.id = lockable.id
     RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
+),
+busy AS (
+    -- Still ours as of this statement, only locked by someone else: not lost.
+    SELECT held.id
+    FROM held
+    JOIN conveyor.jobs AS j ON j.id = held.id
+    WHERE j.lease_token = held.token
+      AND j.state = 'running'
+      AND held.id NOT IN (SELECT id FROM lockable)
 ),
 me AS (
     -- A worker wrongly marked dead (a long pause) comes back in the state it
@@ -39,6 +60,7 @@ me AS (
 SELECT coalesce((SELECT stop_requested FROM me), false) AS stop_requested,
        (SELECT count(*) FROM me) = 1 AS registered,
        coalesce((SELECT array_agg(id) FROM renewed), '{}') AS renewed,
+       coalesce((SELECT array_agg(id) FROM busy), '{}') AS busy,
        coalesce((SELECT array_agg(id) FROM renewed WHERE cancel_requested), '{}') AS cancel;
 
 -- name: worker_set_state
