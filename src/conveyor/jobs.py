@@ -30,10 +30,11 @@ A cancel request on a running job wins over any later retry.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, time
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
 
 class JobState(StrEnum):
@@ -53,6 +54,16 @@ class JobState(StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class RowRecord:
+    """A snapshot built from a query row: columns it does not declare are ignored."""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Self:
+        """Build from a `SELECT *`-style row as a dict."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in row.items() if k in known})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,7 +113,7 @@ _FIELDS = frozenset(Job.__dataclass_fields__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class WorkerInfo:
+class WorkerInfo(RowRecord):
     """A snapshot of one worker process's registry row."""
 
     id: str
@@ -124,17 +135,9 @@ class WorkerInfo:
     leaked_slots: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> WorkerInfo:
-        """Build from a `worker_list` row."""
-        return cls(**{k: v for k, v in row.items() if k in _WORKER_FIELDS})
-
-
-_WORKER_FIELDS = frozenset(WorkerInfo.__dataclass_fields__)
-
 
 @dataclass(frozen=True, kw_only=True)
-class KeyStats:
+class KeyStats(RowRecord):
     """One concurrency key's limit and counts, exactly as of the last commit."""
 
     queue: str
@@ -154,17 +157,9 @@ class KeyStats:
     rate_window_start: datetime | None = None
     rate_window_count: int = 0
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> KeyStats:
-        """Build from a `concurrency_keys` row."""
-        return cls(**{k: v for k, v in row.items() if k in _KEY_FIELDS})
-
-
-_KEY_FIELDS = frozenset(KeyStats.__dataclass_fields__)
-
 
 @dataclass(frozen=True, kw_only=True)
-class QueueStats:
+class QueueStats(RowRecord):
     """One queue's counts and totals, exactly as of the last commit."""
 
     queue: str
@@ -176,11 +171,3 @@ class QueueStats:
     total_failed: int
     total_cancelled: int
     updated_at: datetime
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> QueueStats:
-        """Build from a `queue_stats` row."""
-        return cls(**{k: v for k, v in row.items() if k in _QUEUE_FIELDS})
-
-
-_QUEUE_FIELDS = frozenset(QueueStats.__dataclass_fields__)
