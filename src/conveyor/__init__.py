@@ -1,4 +1,4 @@
-"""conveyor: a PostgreSQL-native durable job queue for Python.
+"""conveyor: a PostgreSQL-native durable job queue and pipeline engine for Python.
 
 ```python
 from conveyor import App
@@ -22,20 +22,29 @@ from conveyor.context import JobContext
 from conveyor.errors import (
     ConfigError,
     ConveyorError,
+    CounterLimitExceeded,
     DatabaseError,
     InvalidArguments,
     InvalidJobOptions,
+    InvalidPipeline,
     JobNotFound,
+    LeaseLost,
+    NotInRun,
     PayloadTooLarge,
     QueueFull,
+    RunNotFound,
+    RunNotRetryable,
     SchemaVersionError,
     TaskNotFound,
     TransientDatabaseError,
     WaitTimeout,
 )
 from conveyor.jobs import Job, JobState, KeyStats, QueueStats, WorkerInfo
-from conveyor.outcomes import Cancel, Retry, Snooze
+from conveyor.outcomes import Cancel, Fail, Retry, Snooze
+from conveyor.pipeline import Pipeline, Step
 from conveyor.retry import ExponentialBackoff, FixedDelay, RetryPolicy
+from conveyor.run_context import RunContext
+from conveyor.runs import Run, RunFailure, RunState, RunStep, StepState
 from conveyor.tasks import JobSpec, RateLimit, Task, TaskOptions
 from conveyor.windows import ExecutionWindow
 from conveyor.worker.worker import Worker
@@ -46,26 +55,41 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConveyorError",
+    "CounterLimitExceeded",
     "DatabaseError",
     "ExecutionWindow",
     "ExponentialBackoff",
+    "Fail",
     "FixedDelay",
     "InvalidArguments",
     "InvalidJobOptions",
+    "InvalidPipeline",
     "Job",
     "JobContext",
     "JobNotFound",
     "JobSpec",
     "JobState",
     "KeyStats",
+    "LeaseLost",
+    "NotInRun",
     "PayloadTooLarge",
+    "Pipeline",
     "QueueFull",
     "QueueStats",
     "RateLimit",
     "Retry",
     "RetryPolicy",
+    "Run",
+    "RunContext",
+    "RunFailure",
+    "RunNotFound",
+    "RunNotRetryable",
+    "RunState",
+    "RunStep",
     "SchemaVersionError",
     "Snooze",
+    "Step",
+    "StepState",
     "Task",
     "TaskNotFound",
     "TaskOptions",

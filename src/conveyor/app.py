@@ -39,6 +39,7 @@ from conveyor.enqueue_plan import (
 from conveyor.errors import (
     DatabaseError,
     InvalidJobOptions,
+    InvalidPipeline,
     JobNotFound,
     QueueFull,
     TaskNotFound,
@@ -46,7 +47,9 @@ from conveyor.errors import (
 )
 from conveyor.jobs import Job, KeyStats, QueueStats, WorkerInfo
 from conveyor.migrations.migrator import check_schema, migrate
+from conveyor.pipeline import Pipeline, Step
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
+from conveyor.runs import Runs
 from conveyor.tasks import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_QUEUE,
@@ -85,6 +88,9 @@ class App:
         self.config = Config(**{**_fields(base), **overrides})
         self.db = Database(self.config)
         self.tasks: dict[str, Task] = {}
+        self.pipelines: dict[str, Pipeline] = {}
+        self.runs = Runs(self)
+        """Pipeline runs: `get`, `recent`, `cancel`, `retry`, `wait`."""
 
     def __repr__(self) -> str:
         return f"<App schema={self.config.schema} tasks={len(self.tasks)}>"
@@ -152,6 +158,22 @@ class App:
             return task
 
         return register(func) if func is not None else register
+
+    def pipeline(
+        self,
+        name: str,
+        steps: Sequence[Step] = (),
+        *,
+        on_failure: TaskFunction | None = None,
+    ) -> Pipeline:
+        """Declare a pipeline: give its `steps` as a list, or add them with
+        `@pipeline.step()`; `on_failure(ctx, failure)` runs once when a run halts.
+        Raises `InvalidPipeline` (unknown steps, cycles, duplicates)."""
+        if name in self.pipelines:
+            raise InvalidPipeline(f"pipeline {name!r} is already declared")
+        declared = Pipeline(self, name, steps, on_failure=on_failure)
+        self.pipelines[name] = declared
+        return declared
 
     def get_task(self, name: str) -> Task:
         """The registered task called `name`; raises `TaskNotFound`."""

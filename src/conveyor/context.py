@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from conveyor import checkpoints
+from conveyor.errors import NotInRun
 from conveyor.jobs import Job
 
 if TYPE_CHECKING:
     from conveyor.app import App
+    from conveyor.run_context import RunContext
 
 
 StopReason = Literal["shutdown", "timeout", "cancel", "lease_lost"]
@@ -31,6 +35,36 @@ class JobContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("conveyor.task"))
     stop_reason: StopReason | None = None
     """Why the worker asked the attempt to stop; None while it may run on."""
+    _run: RunContext | None = field(default=None, repr=False)
+    _checkpoints: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def run(self) -> RunContext:
+        """The pipeline run this job is a step (or the cleanup) of: its input,
+        metadata, `prev_results`, state and counters. Raises `NotInRun` otherwise."""
+        if self._run is None:
+            raise NotInRun(f"job {self.job.id} ({self.job.task}) is not a pipeline step")
+        return self._run
+
+    def attach_run(self, run: RunContext) -> None:
+        """Give this attempt its run (done by the pipeline before the step starts)."""
+        self._run = run
+
+    async def step(
+        self, name: str, fn: Callable[..., Any], /, *args: Any, atomic: bool = False, **kwargs: Any
+    ) -> Any:
+        """Run `fn(*args, **kwargs)` once per job: a retried attempt gets the
+        recorded result back instead of running it again.
+
+        With `atomic=True`, `fn(conn, *args, **kwargs)` gets a connection in an
+        open transaction; its writes commit together with the record or not at
+        all (exactly-once database effects). See `conveyor.checkpoints`.
+        """
+        if self._checkpoints is None:
+            self._checkpoints = await checkpoints.load(self)
+        return await checkpoints.run_step(
+            self, self._checkpoints, name, fn, args, kwargs, atomic=atomic
+        )
 
     @property
     def attempt(self) -> int:

@@ -3,12 +3,18 @@
 ```
 ConveyorError
  +-- ConfigError            invalid configuration (named field)
+ |    +-- InvalidPipeline   a pipeline declaration with unknown steps, a cycle, a duplicate
  +-- TaskNotFound           a task name no registered task answers to
  +-- InvalidArguments       arguments that do not bind or are not JSON
  +-- InvalidJobOptions      bad enqueue options (negative delay, bad priority...)
  +-- PayloadTooLarge        encoded arguments over the configured limit
  +-- QueueFull              a queue cap would be exceeded
  +-- JobNotFound            a job id that does not exist
+ +-- RunNotFound            a run id that does not exist
+ +-- RunNotRetryable        a run that is not failed/cancelled, or still has a running step
+ +-- NotInRun               `ctx.run` used by a job that is not a pipeline step
+ +-- LeaseLost              a fenced write by an attempt that no longer holds its job
+ +-- CounterLimitExceeded   `ctx.run.incr` went past its ceiling (fails the step for good)
  +-- WaitTimeout            `App.wait` gave up before the job finished
  +-- SchemaVersionError     the database schema and this code disagree
  +-- DatabaseError          PostgreSQL refused a statement (SQLSTATE kept)
@@ -19,6 +25,8 @@ Every error raised for bad input is raised *before* anything is written.
 """
 
 from __future__ import annotations
+
+from conveyor.outcomes import Fail
 
 
 class ConveyorError(Exception):
@@ -79,6 +87,44 @@ class JobNotFound(ConveyorError):
     def __init__(self, job_id: int) -> None:
         super().__init__(f"job {job_id} does not exist")
         self.job_id = job_id
+
+
+class InvalidPipeline(ConfigError):
+    """Raised when a pipeline declaration is invalid; nothing is registered."""
+
+
+class RunNotFound(ConveyorError):
+    """Raised when a run id does not exist."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(f"run {run_id} does not exist")
+        self.run_id = run_id
+
+
+class RunNotRetryable(ConveyorError):
+    """Raised when retrying a run that did not fail or is still stopping a step."""
+
+
+class NotInRun(ConveyorError):
+    """Raised when `ctx.run` is used by a job that belongs to no pipeline run."""
+
+
+class LeaseLost(ConveyorError):
+    """Raised when a fenced write (run state, counter, checkpoint) comes from an
+    attempt that no longer holds its job: nothing was written."""
+
+
+class CounterLimitExceeded(ConveyorError, Fail):
+    """Raised by `ctx.run.incr` past its ceiling; the step fails for good and the
+    run halts (a loop bounded by the counter cannot go on forever)."""
+
+    def __init__(self, name: str, value: int, limit: int) -> None:
+        message = f"run counter {name!r} reached {value}, over its ceiling of {limit}"
+        ConveyorError.__init__(self, message)
+        self.reason = message
+        self.name = name
+        self.value = value
+        self.limit = limit
 
 
 class WaitTimeout(ConveyorError, TimeoutError):

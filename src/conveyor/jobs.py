@@ -95,6 +95,8 @@ class Job:
     window_end: time | None = None
     window_tz: str | None = None
     dedup_key: str | None = None
+    run_id: int | None = None
+    """The pipeline run this job is a step (or the cleanup) of."""
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:

@@ -4,6 +4,7 @@
   retry policy when `delay` is None). Counts as an attempt.
 - `Snooze(delay)`: not a failure; run again after `delay` without using an attempt.
 - `Cancel(reason)`: stop for good; the job ends `cancelled`.
+- `Fail(reason)`: fail for good, whatever attempts are left; the job ends `failed`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ class Cancel(JobOutcome):
     """End the job as `cancelled` with `reason`; it is not retried."""
 
     def __init__(self, reason: str = "cancelled by task"):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Fail(JobOutcome):
+    """End the job as `failed` now, without using its remaining attempts."""
+
+    def __init__(self, reason: str = "failed by task"):
         super().__init__(reason)
         self.reason = reason
 

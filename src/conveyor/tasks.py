@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from conveyor.app import App
+    from conveyor.context import JobContext
     from conveyor.jobs import Job
 
 PRIORITY_MIN = -100
@@ -342,16 +343,33 @@ def _has_nul(value: object) -> bool:
 
 
 TaskFunction = Callable[..., Any]
+Prepare = Callable[["JobContext"], Awaitable[None]]
+ResultEncoder = Callable[[Any], str]
 
 
 class Task:
-    """A registered task function. Call `enqueue` to run it in a worker."""
+    """A registered task function. Call `enqueue` to run it in a worker.
 
-    def __init__(self, app: App, func: TaskFunction, name: str, options: TaskOptions) -> None:
+    `prepare` runs on the worker's loop before each attempt (pipeline steps load
+    their run there); `encode_result` turns the return value into stored JSON.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        func: TaskFunction,
+        name: str,
+        options: TaskOptions,
+        *,
+        prepare: Prepare | None = None,
+        encode_result: ResultEncoder | None = None,
+    ) -> None:
         self.app = app
         self.func = func
         self.name = name
         self.options = options
+        self.prepare = prepare
+        self.encode_result = encode_result
         self.is_async = inspect.iscoroutinefunction(func)
         self._signature = _signature_without_context(func, name)
 

@@ -9,59 +9,38 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
 from conveyor.app import App
+from conveyor.cli.common import (
+    DatabaseUrl,
+    Schema,
+    app_from_options,
+    console,
+    err_console,
+    fail,
+    run,
+)
 from conveyor.cli.loader import load_app
-from conveyor.config import Config, WorkerConfig
+from conveyor.cli.runs import runs_cli
+from conveyor.config import WorkerConfig
 from conveyor.errors import ConveyorError
 from conveyor.jobs import JobState, KeyStats, QueueStats, WorkerInfo
 from conveyor.worker.worker import Worker
 
 cli = typer.Typer(
     name="conveyor",
-    help="conveyor: a PostgreSQL-native durable job queue.",
+    help="conveyor: a PostgreSQL-native durable job queue and pipeline engine.",
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-T = TypeVar("T")
-
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option("--database-url", envvar="CONVEYOR_DATABASE_URL", help="PostgreSQL URL."),
-]
-Schema = Annotated[
-    str | None, typer.Option("--schema", envvar="CONVEYOR_SCHEMA", help="Schema name.")
-]
+cli.add_typer(runs_cli, name="runs")
 STATE_ORDER = [s.value for s in JobState]
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}")
-    return typer.Exit(code=2)
-
-
-def _run(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    try:
-        return asyncio.run(factory())
-    except ConveyorError as exc:
-        raise _fail(exc) from None
-
-
-def _app_from_options(database_url: str | None, schema: str | None) -> App:
-    try:
-        return App(config=Config.from_env(database_url=database_url, schema=schema))
-    except ConveyorError as exc:
-        raise _fail(exc) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -75,11 +54,11 @@ def _setup_logging(level: str) -> None:
 @cli.command()
 def migrate(database_url: DatabaseUrl = None, schema: Schema = None) -> None:
     """Create or upgrade conveyor's schema (safe to run concurrently)."""
-    app = _app_from_options(database_url, schema)
+    app = app_from_options(database_url, schema)
     try:
         applied = app.migrate_sync()
     except ConveyorError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if applied:
         console.print(f"applied migrations {', '.join(map(str, applied))} to {app.config.schema}")
     else:
@@ -106,8 +85,8 @@ def worker(
             shutdown_grace=timedelta(seconds=shutdown_grace),
         )
     except ConveyorError as exc:
-        raise _fail(exc) from None
-    _run(lambda: _work(app, config))
+        raise fail(exc) from None
+    run(lambda: _work(app, config))
     _exit_despite_stuck_threads()
 
 
@@ -163,9 +142,9 @@ def enqueue(
     try:
         parsed = json.loads(args)
     except json.JSONDecodeError as exc:
-        raise _fail(ValueError(f"--args is not valid JSON: {exc}")) from None
+        raise fail(ValueError(f"--args is not valid JSON: {exc}")) from None
     if not isinstance(parsed, dict):
-        raise _fail(ValueError("--args must be a JSON object"))
+        raise fail(ValueError("--args must be a JSON object"))
     options: dict[str, Any] = {}
     if queue is not None:
         options["queue"] = queue
@@ -176,11 +155,11 @@ def enqueue(
     try:
         app = load_app(app_path)
     except ConveyorError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     try:
         job = app.enqueue_sync(task, parsed, **options)
     except ConveyorError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     finally:
         app.db.close_sync()
     console.print_json(
@@ -191,7 +170,7 @@ def enqueue(
 @cli.command()
 def status(database_url: DatabaseUrl = None, schema: Schema = None) -> None:
     """Show job counts per queue and state."""
-    app = _app_from_options(database_url, schema)
+    app = app_from_options(database_url, schema)
 
     async def read() -> tuple[dict[str, dict[str, int]], list[WorkerInfo]]:
         try:
@@ -199,7 +178,7 @@ def status(database_url: DatabaseUrl = None, schema: Schema = None) -> None:
         finally:
             await app.close()
 
-    counts, workers = _run(read)
+    counts, workers = run(read)
     table = Table(title=f"conveyor jobs ({app.config.schema})")
     table.add_column("queue")
     for state in STATE_ORDER:
@@ -234,7 +213,7 @@ def workers_list(
     """List workers: state, heartbeat age, running jobs, leaked slots, version."""
     if ctx.invoked_subcommand is not None:
         return
-    app = _app_from_options(database_url, schema)
+    app = app_from_options(database_url, schema)
 
     async def fetch() -> list[WorkerInfo]:
         try:
@@ -242,7 +221,7 @@ def workers_list(
         finally:
             await app.close()
 
-    rows = _run(fetch)
+    rows = run(fetch)
     table = Table(title=f"conveyor workers ({app.config.schema})")
     for column in ("id", "state", "heartbeat", "running", "leaked", "concurrency", "queues",
                    "version"):  # fmt: skip
@@ -272,8 +251,8 @@ def workers_stop(
 ) -> None:
     """Ask a worker (or all) to finish its running jobs and exit."""
     if (worker_id is None) == (not all_workers):
-        raise _fail(ValueError("give a worker id or --all (not both)"))
-    app = _app_from_options(database_url, schema)
+        raise fail(ValueError("give a worker id or --all (not both)"))
+    app = app_from_options(database_url, schema)
 
     async def stop() -> list[str]:
         try:
@@ -281,9 +260,9 @@ def workers_stop(
         finally:
             await app.close()
 
-    stopped = _run(stop)
+    stopped = run(stop)
     if not stopped:
-        raise _fail(ValueError(f"no live worker {worker_id!r}" if worker_id else "no live worker"))
+        raise fail(ValueError(f"no live worker {worker_id!r}" if worker_id else "no live worker"))
     for stopped_id in stopped:
         console.print(f"stop requested: {stopped_id}")
 
@@ -301,7 +280,7 @@ def limits_set(
     schema: Schema = None,
 ) -> None:
     """Change a key's concurrency limit; the next claim uses it."""
-    app = _app_from_options(database_url, schema)
+    app = app_from_options(database_url, schema)
 
     async def apply() -> KeyStats:
         try:
@@ -309,7 +288,7 @@ def limits_set(
         finally:
             await app.close()
 
-    stats = _run(apply)
+    stats = run(apply)
     console.print(
         f"{stats.queue}/{stats.key}: limit {stats.concurrency_limit} "
         f"({stats.running} running, {stats.waiting} waiting)"
@@ -323,7 +302,7 @@ def stats(
     schema: Schema = None,
 ) -> None:
     """Per-queue and per-key statistics kept by the database: waiting, running, totals."""
-    app = _app_from_options(database_url, schema)
+    app = app_from_options(database_url, schema)
 
     async def read() -> tuple[list[QueueStats], list[KeyStats]]:
         try:
@@ -331,7 +310,7 @@ def stats(
         finally:
             await app.close()
 
-    queues, rows = _run(read)
+    queues, rows = run(read)
     per_queue = Table(title=f"conveyor queues ({app.config.schema})")
     for column in ("queue", "waiting", "running", "enqueued", "succeeded", "failed", "cancelled"):
         per_queue.add_column(column, justify="left" if column == "queue" else "right")
@@ -371,7 +350,7 @@ def cancel(
     schema: Schema = None,
 ) -> None:
     """Cancel jobs: waiting ones at once, running ones via their worker."""
-    app = _app_from_options(database_url, schema)
+    app = app_from_options(database_url, schema)
 
     async def run_cancel() -> dict[int, str]:
         try:
@@ -379,7 +358,7 @@ def cancel(
         finally:
             await app.close()
 
-    outcomes = _run(run_cancel)
+    outcomes = run(run_cancel)
     for job_id in job_ids:
         console.print(
             f"job {job_id}: {outcomes.get(job_id, 'not cancellable (finished or unknown)')}"
@@ -398,7 +377,7 @@ def demo(
     try:
         run_demo(console, jobs=jobs, workers=workers, database_url=database_url)
     except ConveyorError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 def main() -> None:

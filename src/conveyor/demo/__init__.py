@@ -1,7 +1,8 @@
 """A sample app for `conveyor demo`: a small shop's background work.
 
-Some tasks are slow, some fail and retry, one always fails, some are sync.
-Workers import it as `conveyor.demo:app`.
+Some tasks are slow, some fail and retry, one always fails, some are sync, and
+orders go through a four-step pipeline with a cleanup. Workers import it as
+`conveyor.demo:app`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from datetime import timedelta
 
 from conveyor.app import App
 from conveyor.context import JobContext
+from conveyor.outcomes import Fail
 from conveyor.retry import ExponentialBackoff
+from conveyor.runs import RunFailure
 
 DEMO_SCHEMA = "conveyor_demo"
 
@@ -52,3 +55,47 @@ def charge_card(ctx: JobContext, order_id: int, cents: int) -> dict[str, int]:
 async def sync_inventory(ctx: JobContext, sku: str) -> None:
     """Always fails: shows a job ending `failed` with its error history."""
     raise RuntimeError(f"inventory service rejected {sku}")
+
+
+# A pipeline: each order is one run. Stock is reserved, then payment and the
+# packing slip run in parallel (fan-out), then the parcel ships (fan-in). A
+# declined card fails the run; its cleanup releases the reserved stock, once.
+fulfil_order = app.pipeline("fulfil_order")
+
+
+@fulfil_order.step(retry=QUICK_RETRY)
+async def reserve_stock(ctx: JobContext) -> dict[str, int]:
+    """Reserve the order's items; the reservation is kept in the run state."""
+    order = ctx.run.input
+    await ctx.run.set("reserved", order["items"])
+    return {"order_id": order["order_id"], "items": order["items"]}
+
+
+@fulfil_order.step(depends_on=["reserve_stock"], max_attempts=3, retry=QUICK_RETRY)
+async def take_payment(ctx: JobContext) -> dict[str, int]:
+    """Charge the card: some cards are declined for good (the run fails)."""
+    order = ctx.run.input
+    await asyncio.sleep(random.uniform(0.002, 0.01))
+    if order["cents"] % 10 == 7:
+        raise Fail(f"card declined for order {order['order_id']}")
+    return {"charged": order["cents"]}
+
+
+@fulfil_order.step(depends_on=["reserve_stock"], retry=QUICK_RETRY)
+def print_packing_slip(ctx: JobContext) -> str:
+    """A sync step, in parallel with the payment."""
+    return f"slip for {ctx.run.prev_results['reserve_stock']['items']} item(s)"
+
+
+@fulfil_order.step(depends_on=["take_payment", "print_packing_slip"], retry=QUICK_RETRY)
+async def ship(ctx: JobContext) -> dict[str, object]:
+    """Ship once both are done; sees every earlier result."""
+    results = ctx.run.prev_results
+    return {"order_id": results["reserve_stock"]["order_id"], "slip": results["print_packing_slip"]}
+
+
+@fulfil_order.on_failure()
+async def release_stock(ctx: JobContext, failure: RunFailure) -> str:
+    """Give the reserved stock back (runs once per failed or cancelled run)."""
+    reserved = await ctx.run.get("reserved", 0)
+    return f"released {reserved} item(s) after {failure.failed_step} failed"

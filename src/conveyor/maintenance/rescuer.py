@@ -6,6 +6,8 @@ re-checks state, token and expiry, so a job that completed (or was renewed)
 between the read and the write is left alone. Rescues count as attempts: a
 poison job that kills every worker it lands on ends `failed` after
 `max_attempts`. Workers silent for longer than `dead_after` are marked dead.
+The same pass folds queue statistics and starts any keyed pipeline run left
+waiting with no run of its key running (a safety net; see run_promote_stranded).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from conveyor.db.control import jobs_channel
+from conveyor.db.control import control_channel, jobs_channel
 from conveyor.db.database import Database, Row
 from conveyor.service import BackgroundService
 
@@ -95,6 +97,12 @@ class Rescuer(BackgroundService):
                 conn=conn,
             )
             await self._db.fetch("fold queue statistics", "queue_stats_compact", conn=conn)
+            await self._db.fetch(
+                "start stranded runs",
+                "run_promote_stranded",
+                {"channel": control_channel(self._db.schema)},
+                conn=conn,
+            )
         report = RescueReport(
             ran=True,
             rescued=rescued,

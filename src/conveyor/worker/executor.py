@@ -26,7 +26,7 @@ from typing import Any
 from conveyor.context import JobContext
 from conveyor.errors import TaskNotFound
 from conveyor.jobs import Job
-from conveyor.outcomes import Cancel, Retry, Snooze
+from conveyor.outcomes import Cancel, Fail, Retry, Snooze
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
 from conveyor.tasks import Task
 from conveyor.worker.outcome import Outcome, error_record
@@ -61,9 +61,12 @@ async def execute(
         return _failure(job, token, TaskNotFound(job.task), DEFAULT_RETRY)
     policy = task.options.retry
     try:
+        if task.prepare is not None:
+            await task.prepare(ctx)
         value = await _call(task, job, ctx, threads, hard_limit, on_leak)
         if ctx.stop_reason is None:
-            return Outcome.succeeded(job.id, token, _encode_result(value))
+            encode = task.encode_result or _encode_result
+            return Outcome.succeeded(job.id, token, encode(value))
     except (asyncio.CancelledError, Exception) as exc:
         if ctx.stop_reason is None:
             # Includes a CancelledError raised by the task's own code: only the
@@ -94,6 +97,9 @@ def _outcome_of(exc: BaseException, job: Job, token: int, policy: RetryPolicy) -
     if isinstance(exc, Cancel):
         error = error_record(exc, job.attempt, with_traceback=False)
         return Outcome(job.id, token, "cancelled", error=error)
+    if isinstance(exc, Fail):
+        log.warning("job %s (%s) failed for good: %s", job.id, job.task, exc)
+        return Outcome(job.id, token, "failed", error=error_record(exc, job.attempt))
     if isinstance(exc, Retry):
         return _failure(job, token, exc, policy, delay=exc.delay)
     return _failure(job, token, exc, policy)

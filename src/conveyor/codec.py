@@ -1,0 +1,140 @@
+"""A type-preserving JSON codec for step results, run state and checkpoints.
+
+Plain JSON (and PostgreSQL's jsonb, which re-prints numbers) loses types:
+`Decimal`, `datetime`, `date`, `UUID`, `bytes` and tuples do not exist in it,
+`1e300` comes back as an integer, `-0.0` as `0.0`, and a string holding NUL
+cannot be stored at all. `encode` turns a value into JSON that survives a
+jsonb round trip; `decode` gives back an equal value of the same type.
+
+Values JSON already holds exactly stay as they are, so encoded data is still
+readable in SQL (`data->'count'`). Everything else becomes a one-key object
+whose key starts with `$` (`{"$decimal": "1.10"}`); a dict that itself has a
+`$` key is wrapped (`{"$dict": [[k, v], ...]}`) so it is never mistaken for one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from conveyor.errors import InvalidArguments
+
+_TAG_PREFIX = "$"
+
+
+class CodecError(InvalidArguments):
+    """A value the codec cannot represent (a type it does not know)."""
+
+
+def encode(value: Any) -> Any:
+    """`value` as JSON-compatible data that `decode` turns back into an equal value."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return {"$str": value.split("\x00")} if "\x00" in value else value
+    if isinstance(value, list):
+        return [encode(item) for item in value]
+    if isinstance(value, Mapping):
+        return _encode_mapping(value)
+    # Order matters: a datetime is a date, a bool (above) is an int.
+    for kind, encoder in _ENCODERS:
+        if isinstance(value, kind):
+            return encoder(value)
+    raise CodecError(f"cannot encode a value of type {type(value).__name__}: {value!r:.80}")
+
+
+def _encode_float(value: float) -> Any:
+    text = repr(value)
+    # jsonb prints 1e300 as an integer and drops the sign of -0.0; JSON has no
+    # inf or nan. Floats that jsonb re-prints exactly stay plain numbers.
+    if not math.isfinite(value) or "e" in text or (value == 0 and math.copysign(1, value) < 0):
+        return {"$float": text}
+    return value
+
+
+def _encode_mapping(value: Mapping[Any, Any]) -> Any:
+    plain = all(
+        isinstance(k, str) and not k.startswith(_TAG_PREFIX) and "\x00" not in k for k in value
+    )
+    if plain:
+        return {k: encode(v) for k, v in value.items()}
+    return {"$dict": [[encode(k), encode(v)] for k, v in value.items()]}
+
+
+def decode(data: Any) -> Any:
+    """The value `encode` was given, from its JSON form (parsed or as text)."""
+    if isinstance(data, list):
+        return [decode(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    if len(data) == 1:
+        ((key, payload),) = data.items()
+        if key.startswith(_TAG_PREFIX):
+            return _decode_tagged(key, payload)
+    return {k: decode(v) for k, v in data.items()}
+
+
+def _decode_tagged(tag: str, payload: Any) -> Any:
+    decoder = _DECODERS.get(tag)
+    if decoder is None:
+        raise CodecError(f"unknown codec tag {tag!r}")
+    return decoder(payload)
+
+
+def _hashable(key: Any) -> Any:
+    # A list key cannot come from a dict, but a hand-edited document might hold one.
+    return tuple(key) if isinstance(key, list) else key
+
+
+def _decode_timedelta(payload: list[int]) -> timedelta:
+    days, seconds, micros = payload
+    return timedelta(days=days, seconds=seconds, microseconds=micros)
+
+
+_ENCODERS: tuple[tuple[type | tuple[type, ...], Callable[[Any], Any]], ...] = (
+    (int, int),
+    (float, _encode_float),
+    (Decimal, lambda v: {"$decimal": str(v)}),
+    (datetime, lambda v: {"$datetime": v.isoformat()}),
+    (date, lambda v: {"$date": v.isoformat()}),
+    (time, lambda v: {"$time": v.isoformat()}),
+    (timedelta, lambda v: {"$timedelta": [v.days, v.seconds, v.microseconds]}),
+    (uuid.UUID, lambda v: {"$uuid": str(v)}),
+    (
+        (bytes, bytearray, memoryview),
+        lambda v: {"$bytes": base64.b64encode(bytes(v)).decode("ascii")},
+    ),
+    (tuple, lambda v: {"$tuple": [encode(item) for item in v]}),
+    ((set, frozenset), lambda v: {"$set": [encode(item) for item in v]}),
+)
+
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "$float": float,
+    "$str": "\x00".join,
+    "$decimal": Decimal,
+    "$datetime": datetime.fromisoformat,
+    "$date": date.fromisoformat,
+    "$time": time.fromisoformat,
+    "$timedelta": _decode_timedelta,
+    "$uuid": uuid.UUID,
+    "$bytes": base64.b64decode,
+    "$tuple": lambda payload: tuple(decode(item) for item in payload),
+    "$set": lambda payload: {decode(item) for item in payload},
+    "$dict": lambda payload: {_hashable(decode(k)): decode(v) for k, v in payload},
+}
+
+
+def dumps(value: Any) -> str:
+    """`value` encoded, as JSON text."""
+    return json.dumps(encode(value), separators=(",", ":"), allow_nan=False)
+
+
+def loads(text: str | bytes) -> Any:
+    """The value `dumps` was given."""
+    return decode(json.loads(text))
