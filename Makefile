@@ -32,3 +32,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --jobs 10000 --concurrency 10
 	$(BIN)/python benchmarks/throughput.py --jobs 10000 --concurrency 50
 	$(BIN)/python benchmarks/keys.py --jobs 10000 --limit 10
+	$(BIN)/python benchmarks/pipelines.py --runs 1000 --steps 5 --concurrency 20

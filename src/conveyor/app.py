@@ -46,6 +46,8 @@ from conveyor.errors import (
     WaitTimeout,
 )
 from conveyor.jobs import Job, KeyStats, QueueStats, WorkerInfo
+from conveyor.locks.advisory import AdvisoryLock, LockInfo, is_locked, list_locks, xact_lock
+from conveyor.locks.keys import LockKey
 from conveyor.migrations.migrator import check_schema, migrate
 from conveyor.pipeline import Pipeline, Step
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
@@ -441,6 +443,34 @@ class App:
             "set key limit", "key_set_limit", {"queue": queue, "key": key, "limit": limit}
         )
         return KeyStats.from_row(rows[0])
+
+    # -- locks -------------------------------------------------------------
+
+    def lock(
+        self, key: LockKey, *, timeout: float | timedelta | None = None, owner: str | None = None
+    ) -> AdvisoryLock:
+        """A PostgreSQL advisory lock on `key` (a string, or two int4s like `(2026, 3)`),
+        held on its own connection: `async with app.lock("k", timeout=5): ...`.
+        `timeout` is how long `async with` waits (None: as long as it takes)."""
+        return AdvisoryLock(self.db, key, owner=owner, timeout=timeout)
+
+    async def xact_lock(
+        self,
+        connection: psycopg.AsyncConnection[Any],
+        key: LockKey,
+        timeout: float | timedelta | None = None,
+    ) -> bool:
+        """Take a transaction-level advisory lock in `connection`'s open transaction
+        (released at commit/rollback); False if `timeout` passed first."""
+        return await xact_lock(self.db, connection, key, timeout)
+
+    async def is_locked(self, key: LockKey) -> bool:
+        """Whether any session holds the advisory lock of `key`."""
+        return await is_locked(self.db, key)
+
+    async def list_locks(self) -> list[LockInfo]:
+        """Every advisory lock of the database: holder pid, application, key, owner, since."""
+        return await list_locks(self.db)
 
     # -- schema and lifecycle ----------------------------------------------
 

@@ -77,9 +77,7 @@ async def _record(ctx: JobContext, name: str, value: Any, *, conn: Any) -> None:
         "name": name,
         "value": codec.dumps(value),
     }
-    rows = await ctx.app.db.fetch(
-        "record checkpoint", "checkpoint_insert", params, conn=conn, idempotent=False
-    )
+    rows = await ctx.app.db.fetch("record checkpoint", "checkpoint_insert", params, conn=conn)
     if not rows:
         # Raised inside the atomic transaction, this also rolls back fn's writes.
         raise LeaseLost(f"job {ctx.job.id} no longer holds its lease: step {name!r} not recorded")

@@ -111,7 +111,8 @@ _ENCODERS: tuple[tuple[type | tuple[type, ...], Callable[[Any], Any]], ...] = (
         lambda v: {"$bytes": base64.b64encode(bytes(v)).decode("ascii")},
     ),
     (tuple, lambda v: {"$tuple": [encode(item) for item in v]}),
-    ((set, frozenset), lambda v: {"$set": [encode(item) for item in v]}),
+    (frozenset, lambda v: {"$frozenset": [encode(item) for item in v]}),
+    (set, lambda v: {"$set": [encode(item) for item in v]}),
 )
 
 _DECODERS: dict[str, Callable[[Any], Any]] = {
@@ -126,6 +127,7 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "$bytes": base64.b64decode,
     "$tuple": lambda payload: tuple(decode(item) for item in payload),
     "$set": lambda payload: {decode(item) for item in payload},
+    "$frozenset": lambda payload: frozenset(decode(item) for item in payload),
     "$dict": lambda payload: {_hashable(decode(k)): decode(v) for k, v in payload},
 }
 

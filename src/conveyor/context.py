@@ -12,7 +12,11 @@ from conveyor.errors import NotInRun
 from conveyor.jobs import Job
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from conveyor.app import App
+    from conveyor.locks.advisory import AdvisoryLock
+    from conveyor.locks.keys import LockKey
     from conveyor.run_context import RunContext
 
 
@@ -49,6 +53,11 @@ class JobContext:
     def attach_run(self, run: RunContext) -> None:
         """Give this attempt its run (done by the pipeline before the step starts)."""
         self._run = run
+
+    def lock(self, key: LockKey, *, timeout: float | timedelta | None = None) -> AdvisoryLock:
+        """A PostgreSQL advisory lock for this task to hold: `async with ctx.lock("k"):`.
+        Its owner names this worker and job, as `conveyor locks` shows."""
+        return self.app.lock(key, timeout=timeout, owner=f"{self.worker_id}:job-{self.job.id}")
 
     async def step(
         self, name: str, fn: Callable[..., Any], /, *args: Any, atomic: bool = False, **kwargs: Any

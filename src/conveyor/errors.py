@@ -15,6 +15,10 @@ ConveyorError
  +-- NotInRun               `ctx.run` used by a job that is not a pipeline step
  +-- LeaseLost              a fenced write by an attempt that no longer holds its job
  +-- CounterLimitExceeded   `ctx.run.incr` went past its ceiling (fails the step for good)
+ +-- LockError              a lock used wrongly (pooler, no transaction, not acquired)
+ |    +-- LockNotOwned      release/extend by someone who does not hold the lock
+ |    +-- LockLost          a held lock went away (TTL expired, connection lost)
+ |    +-- LockTimeout       `async with lock:` could not acquire within its timeout
  +-- WaitTimeout            `App.wait` gave up before the job finished
  +-- SchemaVersionError     the database schema and this code disagree
  +-- DatabaseError          PostgreSQL refused a statement (SQLSTATE kept)
@@ -125,6 +129,23 @@ class CounterLimitExceeded(ConveyorError, Fail):
         self.name = name
         self.value = value
         self.limit = limit
+
+
+class LockError(ConveyorError):
+    """Raised when a lock is used in a way it cannot work (see the message)."""
+
+
+class LockNotOwned(LockError):
+    """Raised when releasing or extending a lock this owner does not hold; nothing changed."""
+
+
+class LockLost(LockError):
+    """Raised when a held lock went away (TTL expired, connection lost): the
+    protected block must not go on as if it still held it."""
+
+
+class LockTimeout(LockError, TimeoutError):
+    """Raised by `async with lock:` when the lock was not acquired within the timeout."""
 
 
 class WaitTimeout(ConveyorError, TimeoutError):

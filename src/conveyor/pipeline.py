@@ -62,7 +62,9 @@ if TYPE_CHECKING:
     from conveyor.context import JobContext
 
 NAME_MAX_LENGTH = 100
-CLEANUP_SUFFIX = "on_failure"
+CLEANUP_SUFFIX = ":on_failure"
+"""The cleanup task is `pipeline::on_failure`: step names cannot hold ':', so no
+step's task (`pipeline:step`) can take its name."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +113,9 @@ class Pipeline:
         self._steps: dict[str, _Declared] = {}
         self._cleanup: Task | None = None
         self._steps_json: str | None = None
+        if on_failure is not None and f"{name}:{CLEANUP_SUFFIX}" in app.tasks:
+            # Checked first, so a failed declaration registers nothing at all.
+            raise InvalidPipeline(f"task {name}:{CLEANUP_SUFFIX} is already registered")
         declared = [(s, _options(s)) for s in steps]
         self._declare_all(declared)
         if on_failure is not None:

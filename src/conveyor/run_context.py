@@ -123,8 +123,13 @@ class RunContext:
         _check_name(name)
         if not isinstance(by, int) or isinstance(by, bool):
             raise InvalidArguments(f"incr(by=...) must be an integer, got {by!r}")
+        # Not idempotent: after a connection lost mid-statement the increment may
+        # or may not have applied, so it is not resent (the step fails and retries).
         rows = await self.ctx.app.db.fetch(
-            "increment run counter", "run_counter_incr", {**self._fence(), "name": name, "by": by}
+            "increment run counter",
+            "run_counter_incr",
+            {**self._fence(), "name": name, "by": by},
+            idempotent=False,
         )
         if not rows:
             raise LeaseLost(f"job {self.ctx.job.id} no longer holds its lease: counter not changed")

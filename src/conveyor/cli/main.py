@@ -31,6 +31,7 @@ from conveyor.cli.runs import runs_cli
 from conveyor.config import WorkerConfig
 from conveyor.errors import ConveyorError
 from conveyor.jobs import JobState, KeyStats, QueueStats, WorkerInfo
+from conveyor.locks.advisory import LockInfo
 from conveyor.worker.worker import Worker
 
 cli = typer.Typer(
@@ -363,6 +364,37 @@ def cancel(
         console.print(
             f"job {job_id}: {outcomes.get(job_id, 'not cancellable (finished or unknown)')}"
         )
+
+
+@cli.command()
+def locks(database_url: DatabaseUrl = None, schema: Schema = None) -> None:
+    """List the database's advisory locks: key, owner, holder pid and application, since."""
+    app = app_from_options(database_url, schema)
+
+    async def fetch() -> list[LockInfo]:
+        try:
+            return await app.list_locks()
+        finally:
+            await app.close()
+
+    rows = run(fetch)
+    table = Table(title=f"advisory locks ({app.config.schema})")
+    for column in ("key", "owner", "pid", "application", "state", "since", "id"):
+        table.add_column(column)
+    for lock in rows:
+        ident = f"{lock.classid}/{lock.objid}/{lock.objsubid}"
+        table.add_row(
+            lock.key or "(not taken through conveyor)",
+            lock.owner or "",
+            str(lock.pid),
+            lock.application_name or "",
+            "held" if lock.granted else "waiting",
+            lock.since.isoformat(timespec="seconds") if lock.since else "",
+            ident,
+        )
+    if not rows:
+        table.add_row("(no advisory locks)", "", "", "", "", "", "")
+    console.print(table)
 
 
 @cli.command()

@@ -23,6 +23,7 @@ import psycopg
 
 from conveyor.db.control import control_channel, jobs_channel
 from conveyor.db.database import Database, Row
+from conveyor.locks.advisory import xact_lock
 from conveyor.service import BackgroundService
 
 log = logging.getLogger("conveyor.rescuer")
@@ -74,10 +75,7 @@ class Rescuer(BackgroundService):
         """One rescue pass; returns what it did."""
         pool = await self._db.pool()
         async with pool.connection() as conn, conn.transaction():
-            locked = await self._db.fetch(
-                "take rescuer lock", "rescue_try_lock", {"key": self._lock_key}, conn=conn
-            )
-            if not locked[0]["locked"]:
+            if not await xact_lock(self._db, conn, self._lock_key, timeout=0):
                 return RescueReport(ran=False)
             dead = await self._db.fetch(
                 "mark dead workers",

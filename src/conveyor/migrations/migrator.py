@@ -22,6 +22,7 @@ from psycopg import sql
 from conveyor.db.queries import schema_qualify
 from conveyor.db.sqlstate import to_database_error
 from conveyor.errors import SchemaVersionError
+from conveyor.locks.keys import advisory_id
 
 _FILE_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
@@ -96,11 +97,13 @@ def migrate(conninfo: str, schema: str, *, target: int | None = None) -> list[in
 def _migrate(conninfo: str, schema: str, target: int | None) -> list[int]:
     wanted = [m for m in available_migrations() if target is None or m.version <= target]
     applied_now: list[int] = []
-    lock_key = _LOCK_NAMESPACE + schema
+    # The key's id as conveyor.locks computes it (the helper functions of
+    # conveyor.locks live in the schema this may be about to create).
+    lock_id = advisory_id(_LOCK_NAMESPACE + schema).single
     with psycopg.connect(conninfo, autocommit=True) as conn:
         # Session lock held across the per-migration transactions; a dropped
         # connection releases it, so a crashed migrator never blocks the next.
-        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (lock_key,))
+        conn.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
         try:
             with conn.transaction():
                 _ensure_bookkeeping(conn, schema)
@@ -111,7 +114,7 @@ def _migrate(conninfo: str, schema: str, target: int | None) -> list[int]:
                     _apply(conn, schema, migration)
                     applied_now.append(migration.version)
         finally:
-            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (lock_key,))
+            conn.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
     return applied_now
 
 

@@ -1,9 +1,5 @@
 -- The rescuer: jobs whose lease expired go back to the queue (or end), fenced.
 
--- name: rescue_try_lock
--- Only one rescuer at a time across all workers; released at commit.
-SELECT pg_try_advisory_xact_lock(hashtextextended(%(key)s, 0)) AS locked;
-
 -- name: job_rescue_candidates
 -- Running jobs whose lease expired on the database clock, oldest expiry first.
 SELECT id, lease_token, queue, attempt, max_attempts, worker_id

@@ -112,7 +112,9 @@ FROM (
     WHERE id = %(job_id)s AND lease_token = %(token)s AND state = 'running'
     FOR SHARE
 ) AS fence
-ON CONFLICT (job_id, name) DO NOTHING
+-- Recording the same name again (a statement retried after a lost connection)
+-- keeps the first value and still answers, so the retry is harmless.
+ON CONFLICT (job_id, name) DO UPDATE SET value = conveyor.checkpoints.value
 RETURNING name;
 
 -- name: run_promote_stranded

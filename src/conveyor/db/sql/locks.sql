@@ -1,0 +1,77 @@
+-- Advisory locks (conveyor.locks.advisory). Ids come from conveyor.locks.keys:
+-- `single` (one bigint) or `a` and `b` (two ints); classid/objid/objsubid are
+-- the same id as pg_locks shows it.
+
+-- name: lock_acquire
+-- Take the lock (session- or transaction-level, waiting or not); reports the
+-- backend, so a caller can notice a pooler handing it another session.
+SELECT conveyor.advisory_lock(%(single)s, %(a)s, %(b)s, %(wait)s, %(xact)s) AS locked,
+       pg_backend_pid() AS pid;
+
+-- name: lock_set_timeout
+-- How long the next waiting acquire may wait on this session ('0' = no limit).
+SELECT set_config('lock_timeout', %(timeout)s, false);
+
+-- name: lock_register
+-- After a session acquire: note the key and owner for listings, draw a fencing
+-- token, and report the backend again.
+INSERT INTO conveyor.advisory_locks (pid, classid, objid, objsubid, key, owner)
+VALUES (pg_backend_pid(), %(classid)s, %(objid)s, %(objsubid)s, %(key)s, %(owner)s)
+ON CONFLICT (pid, classid, objid, objsubid)
+    DO UPDATE SET key = excluded.key, owner = excluded.owner, acquired_at = clock_timestamp()
+RETURNING pid, nextval('conveyor.lock_fence_seq') AS token;
+
+-- name: lock_release
+-- Release a session lock of this session and forget its registry row; false
+-- when this session did not hold it.
+WITH forgotten AS (
+    DELETE FROM conveyor.advisory_locks
+    WHERE pid = pg_backend_pid()
+      AND classid = %(classid)s AND objid = %(objid)s AND objsubid = %(objsubid)s
+)
+SELECT conveyor.advisory_unlock(%(single)s, %(a)s, %(b)s) AS released;
+
+-- name: lock_held_here
+-- Whether this session holds the lock.
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+      AND classid::bigint = %(classid)s AND objid::bigint = %(objid)s
+      AND objsubid = %(objsubid)s
+) AS held;
+
+-- name: lock_is_locked
+-- Whether any session of this database holds the lock.
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND granted
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND classid::bigint = %(classid)s AND objid::bigint = %(objid)s
+      AND objsubid = %(objsubid)s
+) AS locked;
+
+-- name: lock_list
+-- Every advisory lock of this database, held or awaited: who, since when, and
+-- the key as given when conveyor took it.
+SELECT l.pid, a.application_name, l.granted, l.mode,
+       l.classid::bigint AS classid, l.objid::bigint AS objid, l.objsubid::integer AS objsubid,
+       r.key, r.owner,
+       CASE WHEN l.granted THEN r.acquired_at ELSE l.waitstart END AS since
+FROM pg_locks AS l
+LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+LEFT JOIN conveyor.advisory_locks AS r
+  ON r.pid = l.pid AND r.classid = l.classid::bigint AND r.objid = l.objid::bigint
+ AND r.objsubid = l.objsubid AND l.granted
+WHERE l.locktype = 'advisory'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY l.granted DESC, since NULLS LAST, l.pid;
+
+-- name: lock_registry_purge
+-- Forget registry rows whose lock is no longer held by their session.
+DELETE FROM conveyor.advisory_locks AS r
+WHERE NOT EXISTS (
+    SELECT 1 FROM pg_locks AS l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.pid = r.pid
+      AND l.classid::bigint = r.classid AND l.objid::bigint = r.objid
+      AND l.objsubid = r.objsubid
+);

@@ -1,0 +1,228 @@
+"""Redis locks: `SET key owner NX PX ttl`, with ownership-checked release and extend.
+
+```python
+client = redis_client("redis://localhost:6379/0")
+lock = RedisLock(client, "pipeline:nightly", ttl=timedelta(seconds=30))
+async with lock:                 # auto-extended every ttl/3 while the block runs
+    await write(fencing_token=lock.fencing_token)
+```
+
+One Redis instance, no Redlock: if that instance loses its data (a restart
+without persistence, a failover to a replica that had not seen the SET), two
+holders can overlap. The TTL is measured by Redis; the holder counts it on its
+own monotonic clock from *before* it sent the command, so it gives the lock up
+locally no later than Redis does, unless its process is paused (GC, SIGSTOP,
+a frozen VM) for longer than the TTL. That pause is why protected writes
+should carry `fencing_token`, which grows with every acquisition of the key.
+
+Release and extend run Lua scripts that compare the stored owner first: a
+wrong owner gets `LockNotOwned` and nothing changes. Connection errors are
+retried (the client reconnects); an acquire whose reply was lost is recovered
+by checking whether the key now holds our owner id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from datetime import timedelta
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from conveyor.db.queries import parse_queries
+from conveyor.errors import ConfigError, LockError, LockNotOwned
+from conveyor.locks.base import GuardedLock, Seconds, as_seconds
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+log = logging.getLogger("conveyor.locks")
+
+DEFAULT_TTL = timedelta(seconds=30)
+KEY_PREFIX = "conveyor:lock:"
+POLL_MIN_S = 0.01
+POLL_MAX_S = 0.1
+COMMAND_RETRIES = 3
+"""Attempts of one script call across connection errors before giving up."""
+
+
+def redis_client(url: str, **options: Any) -> redis.asyncio.Redis:
+    """An asyncio Redis client that reconnects and retries on connection errors."""
+    try:
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError, TimeoutError
+    except ImportError as exc:  # pragma: no cover - the extra is installed in tests
+        raise ConfigError(
+            "Redis locks need the redis extra: pip install 'conveyor[redis]'"
+        ) from exc
+    settings: dict[str, Any] = {
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), COMMAND_RETRIES),
+        "retry_on_error": [ConnectionError, TimeoutError],
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 10,
+        **options,
+    }
+    return redis.asyncio.Redis.from_url(url, **settings)
+
+
+@cache
+def _scripts() -> dict[str, str]:
+    text = resources.files("conveyor.locks").joinpath("redis_scripts.lua").read_text("utf-8")
+    return parse_queries(text)
+
+
+class RedisLock(GuardedLock):
+    """A lock held in one Redis key with a TTL."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        key: str,
+        *,
+        ttl: Seconds = DEFAULT_TTL,
+        owner: str | None = None,
+        timeout: Seconds = None,
+        auto_extend: bool = True,
+        prefix: str = KEY_PREFIX,
+    ) -> None:
+        super().__init__(owner=owner, timeout=timeout)
+        if not isinstance(key, str) or not key:
+            raise LockError(f"a Redis lock key is a non-empty string, got {key!r}")
+        ttl_s = as_seconds(ttl)
+        if ttl_s is None or ttl_s < 0.001:
+            raise LockError(f"a Redis lock needs a TTL of at least 1 ms, got {ttl!r}")
+        self.key = key
+        self.ttl = ttl_s
+        self.auto_extend = auto_extend
+        """Extend every ttl/3 while an `async with` block runs."""
+        # The braces make the lock and its counter one hash slot (Redis Cluster).
+        self.redis_key = f"{prefix}{{{key}}}"
+        self.fence_key = f"{self.redis_key}:fence"
+        self._client = client
+        self._deadline = 0.0
+        scripts = _scripts()
+        self._acquire_script = client.register_script(scripts["acquire"])
+        self._release_script = client.register_script(scripts["release"])
+        self._extend_script = client.register_script(scripts["extend"])
+        self._recover_script = client.register_script(scripts["recover"])
+
+    def __repr__(self) -> str:
+        return f"<RedisLock {self.key} owner={self.owner} held={self.held}>"
+
+    def describe(self) -> str:
+        """The key as given."""
+        return self.key
+
+    @property
+    def expires_in(self) -> float:
+        """Seconds until the holder must assume the lock expired (0 if not held)."""
+        return max(0.0, self._deadline - time.monotonic()) if self.held else 0.0
+
+    async def _acquire(self, timeout_s: float | None) -> bool:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        delay = POLL_MIN_S
+        reply_lost = False
+        while True:
+            sent_at = time.monotonic()
+            token = None
+            try:
+                if reply_lost:
+                    token = await self._recover_script(
+                        keys=[self.redis_key, self.fence_key], args=[self.owner]
+                    )
+                    reply_lost = False
+                if token is None:
+                    token = await self._acquire_script(
+                        keys=[self.redis_key, self.fence_key], args=[self.owner, self._ttl_ms()]
+                    )
+            except _TRANSIENT_ERRORS as exc:
+                log.warning("Redis lock %s: acquire failed (%s); retrying", self.key, exc)
+                reply_lost = True
+            if token is not None:
+                self._token = int(token)
+                self._deadline = sent_at + self.ttl
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            pause = random.uniform(delay / 2, delay)
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, POLL_MAX_S)
+
+    async def release(self) -> None:
+        """Release if this owner holds the lock; `LockNotOwned` (nothing changed) otherwise."""
+        was_held = self.held
+        self._held = False
+        released = await self._call(self._release_script, [self.redis_key], [self.owner])
+        if not released:
+            detail = " (its TTL expired)" if was_held else ""
+            raise LockNotOwned(f"lock {self.key} is not held by owner {self.owner}{detail}")
+
+    async def extend(self, ttl: Seconds = None) -> None:
+        """Reset the TTL to `ttl` (default: the lock's); `LockNotOwned` unless held here."""
+        ttl_s = self.ttl if ttl is None else as_seconds(ttl)
+        assert ttl_s is not None
+        sent_at = time.monotonic()
+        millis = max(1, round(ttl_s * 1000))
+        extended = await self._call(self._extend_script, [self.redis_key], [self.owner, millis])
+        if not extended:
+            if self._held:
+                self._lost = True
+            raise LockNotOwned(f"lock {self.key} is not held by owner {self.owner}")
+        self._held = True
+        self._deadline = sent_at + ttl_s
+
+    async def _watch(self) -> None:
+        while True:
+            if not self.auto_extend:
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    log.error("Redis lock %s: TTL ran out while its block ran", self.key)
+                    return
+                await asyncio.sleep(remaining)
+                continue
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self.extend()
+            except LockNotOwned:
+                log.error("Redis lock %s lost: no longer held by %s", self.key, self.owner)
+                return
+            except _TRANSIENT_ERRORS as exc:
+                if time.monotonic() >= self._deadline:
+                    log.error(
+                        "Redis lock %s lost: could not extend before its TTL (%s)", self.key, exc
+                    )
+                    return
+                log.warning("Redis lock %s: extend failed (%s); retrying", self.key, exc)
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        for attempt in range(COMMAND_RETRIES):
+            try:
+                return await script(keys=keys, args=args)
+            except _TRANSIENT_ERRORS:
+                if attempt == COMMAND_RETRIES - 1:
+                    raise
+                await asyncio.sleep(POLL_MIN_S * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ttl_ms(self) -> int:
+        return max(1, round(self.ttl * 1000))
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from redis.exceptions import ConnectionError, TimeoutError
+    except ImportError:  # pragma: no cover - without the extra no client can exist
+        return (OSError,)
+    return (OSError, ConnectionError, TimeoutError)
+
+
+_TRANSIENT_ERRORS = _transient_errors()
+"""Failures after which the same command may succeed: the client reconnects."""
