@@ -14,6 +14,7 @@ at-least-once window of any job), but never once it was recorded.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ async def load(ctx: JobContext) -> dict[str, Any]:
 async def run_step(
     ctx: JobContext,
     memo: dict[str, Any],
+    locks: dict[str, asyncio.Lock],
     name: str,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -47,13 +49,18 @@ async def run_step(
         raise InvalidArguments(f"step names are non-empty strings, got {name!r}")
     if name in memo:
         return memo[name]
-    if atomic:
-        value = await _run_atomic(ctx, name, fn, args, kwargs)
-    else:
-        value = await _maybe_await(fn(*args, **kwargs))
-        await _record(ctx, name, value, conn=None)
-    memo[name] = value
-    return value
+    # Two concurrent calls with one name (asyncio.gather) run fn once: the second
+    # waits for the first and then finds its result recorded.
+    async with locks.setdefault(name, asyncio.Lock()):
+        if name in memo:
+            return memo[name]
+        if atomic:
+            value = await _run_atomic(ctx, name, fn, args, kwargs)
+        else:
+            value = await _maybe_await(fn(*args, **kwargs))
+            await _record(ctx, name, value, conn=None)
+        memo[name] = value
+        return value
 
 
 async def _run_atomic(

@@ -2,8 +2,8 @@
 
 Plain JSON (and PostgreSQL's jsonb, which re-prints numbers) loses types:
 `Decimal`, `datetime`, `date`, `UUID`, `bytes` and tuples do not exist in it,
-`1e300` comes back as an integer, `-0.0` as `0.0`, and a string holding NUL
-cannot be stored at all. `encode` turns a value into JSON that survives a
+`1e300` comes back as an integer, `-0.0` as `0.0`, and a string holding NUL or
+a lone surrogate cannot be stored at all. `encode` turns a value into JSON that survives a
 jsonb round trip; `decode` gives back an equal value of the same type.
 
 Values JSON already holds exactly stay as they are, so encoded data is still
@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from conveyor.errors import InvalidArguments
 
@@ -37,7 +38,7 @@ def encode(value: Any) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
-        return {"$str": value.split("\x00")} if "\x00" in value else value
+        return _encode_str(value)
     if isinstance(value, list):
         return [encode(item) for item in value]
     if isinstance(value, Mapping):
@@ -47,6 +48,33 @@ def encode(value: Any) -> Any:
         if isinstance(value, kind):
             return encoder(value)
     raise CodecError(f"cannot encode a value of type {type(value).__name__}: {value!r:.80}")
+
+
+def _encode_str(value: str) -> Any:
+    if "\x00" in value:
+        return {"$str": [_encode_str(part) for part in value.split("\x00")]}
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            # Lone surrogates (from surrogateescape'd bytes) are not valid JSON text.
+            raw = value.encode("utf-8", "surrogatepass")
+            return {"$surrogates": base64.b64encode(raw).decode("ascii")}
+    return value
+
+
+def _encode_datetime(value: datetime) -> Any:
+    if isinstance(value.tzinfo, ZoneInfo):
+        # Keep the zone itself, not the offset of the moment: wall time, zone and
+        # fold rebuild the very same value, even in a DST gap or overlap.
+        wall = value.replace(tzinfo=None).isoformat()
+        return {"$zoned": [wall, value.tzinfo.key, value.fold]}
+    return {"$datetime": value.isoformat()}
+
+
+def _decode_zoned(payload: list[Any]) -> datetime:
+    wall, zone, fold = payload
+    return datetime.fromisoformat(wall).replace(tzinfo=ZoneInfo(zone), fold=fold)
 
 
 def _encode_float(value: float) -> Any:
@@ -60,7 +88,7 @@ def _encode_float(value: float) -> Any:
 
 def _encode_mapping(value: Mapping[Any, Any]) -> Any:
     plain = all(
-        isinstance(k, str) and not k.startswith(_TAG_PREFIX) and "\x00" not in k for k in value
+        isinstance(k, str) and _encode_str(k) is k and not k.startswith(_TAG_PREFIX) for k in value
     )
     if plain:
         return {k: encode(v) for k, v in value.items()}
@@ -101,7 +129,7 @@ _ENCODERS: tuple[tuple[type | tuple[type, ...], Callable[[Any], Any]], ...] = (
     (int, int),
     (float, _encode_float),
     (Decimal, lambda v: {"$decimal": str(v)}),
-    (datetime, lambda v: {"$datetime": v.isoformat()}),
+    (datetime, _encode_datetime),
     (date, lambda v: {"$date": v.isoformat()}),
     (time, lambda v: {"$time": v.isoformat()}),
     (timedelta, lambda v: {"$timedelta": [v.days, v.seconds, v.microseconds]}),
@@ -117,9 +145,11 @@ _ENCODERS: tuple[tuple[type | tuple[type, ...], Callable[[Any], Any]], ...] = (
 
 _DECODERS: dict[str, Callable[[Any], Any]] = {
     "$float": float,
-    "$str": "\x00".join,
+    "$str": lambda parts: "\x00".join(decode(part) for part in parts),
+    "$surrogates": lambda payload: base64.b64decode(payload).decode("utf-8", "surrogatepass"),
     "$decimal": Decimal,
     "$datetime": datetime.fromisoformat,
+    "$zoned": _decode_zoned,
     "$date": date.fromisoformat,
     "$time": time.fromisoformat,
     "$timedelta": _decode_timedelta,
@@ -130,6 +160,12 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "$frozenset": lambda payload: frozenset(decode(item) for item in payload),
     "$dict": lambda payload: {_hashable(decode(k)): decode(v) for k, v in payload},
 }
+
+
+def decode_values(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A JSON object whose *values* were encoded one by one (run state, step results
+    by step name): its keys are plain names, even one that starts with `$`."""
+    return {name: decode(value) for name, value in (data or {}).items()}
 
 
 def dumps(value: Any) -> str:

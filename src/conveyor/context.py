@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class JobContext:
     """Why the worker asked the attempt to stop; None while it may run on."""
     _run: RunContext | None = field(default=None, repr=False)
     _checkpoints: dict[str, Any] | None = field(default=None, repr=False)
+    _checkpoint_locks: dict[str, asyncio.Lock] = field(default_factory=dict, repr=False)
 
     @property
     def run(self) -> RunContext:
@@ -70,9 +72,11 @@ class JobContext:
         all (exactly-once database effects). See `conveyor.checkpoints`.
         """
         if self._checkpoints is None:
-            self._checkpoints = await checkpoints.load(self)
+            loaded = await checkpoints.load(self)
+            if self._checkpoints is None:  # a concurrent call may have loaded it meanwhile
+                self._checkpoints = loaded
         return await checkpoints.run_step(
-            self, self._checkpoints, name, fn, args, kwargs, atomic=atomic
+            self, self._checkpoints, self._checkpoint_locks, name, fn, args, kwargs, atomic=atomic
         )
 
     @property

@@ -97,6 +97,9 @@ class Job:
     dedup_key: str | None = None
     run_id: int | None = None
     """The pipeline run this job is a step (or the cleanup) of."""
+    run_context: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """For a claimed pipeline job: its run as of the claim (input, metadata,
+    results it depends on), so the step starts without another query."""
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:

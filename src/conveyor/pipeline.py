@@ -35,7 +35,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -67,11 +67,12 @@ CLEANUP_SUFFIX = ":on_failure"
 step's task (`pipeline:step`) can take its name."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Step:
     """One step of a pipeline declared as a list: `Step(fetch, depends_on=[...])`."""
 
     func: TaskFunction
+    _: KW_ONLY
     name: str | None = None
     """Defaults to the function's name."""
     depends_on: Sequence[str] | None = None
@@ -189,6 +190,7 @@ class Pipeline:
                     timeout=timeout,
                 )
             )
+            _check_callable(fn, "on_failure cleanup", extra=1)
             wrapped = _cleanup_call(fn)
             task = self._register(wrapped, f"{self.name}:{CLEANUP_SUFFIX}", options)
             self._cleanup = task
@@ -228,6 +230,7 @@ class Pipeline:
         for spec, _ in specs:
             if f"{self.name}:{spec.step_name}" in self.app.tasks:
                 raise InvalidPipeline(f"task {self.name}:{spec.step_name} is already registered")
+            _check_callable(spec.func, f"step {spec.step_name!r}", extra=0)
         for spec, options in specs:
             step_name = spec.step_name
             task = self._register(spec.func, f"{self.name}:{step_name}", options)
@@ -343,6 +346,20 @@ def _options(spec: Step) -> TaskOptions:
     )
 
 
+def _check_callable(fn: object, what: str, *, extra: int) -> None:
+    """Raise `InvalidPipeline` unless `fn` can be called with the context and `extra`
+    more positional arguments (a step: `fn(ctx)`; the cleanup: `fn(ctx, failure)`)."""
+    if not callable(fn):
+        raise InvalidPipeline(f"{what} must be a function, got {fn!r}")
+    try:
+        inspect.signature(fn).bind(*([None] * (1 + extra)))
+    except TypeError as exc:
+        shape = "fn(ctx)" if extra == 0 else "fn(ctx, failure)"
+        raise InvalidPipeline(f"{what} must be callable as {shape}: {exc}") from exc
+    except ValueError:
+        return  # no signature to inspect (some builtins): let the call decide
+
+
 def _job_fields(task: Task) -> dict[str, Any]:
     options = task.options
     timeout_ms = None
@@ -398,10 +415,12 @@ def _ancestors(pipeline: str, deps: Mapping[str, tuple[str, ...]]) -> dict[str, 
 
 async def _attach_run(ctx: JobContext) -> None:
     """Load the step's run before the attempt; a run that halted starts nothing new."""
-    rows = await ctx.app.db.fetch("load run", "run_job_context", {"job_id": ctx.job.id})
-    if not rows:
+    row = ctx.job.run_context
+    if row is None:
+        rows = await ctx.app.db.fetch("load run", "run_job_context", {"job_id": ctx.job.id})
+        row = rows[0]["context"] if rows else None
+    if row is None:
         raise Cancel(f"job {ctx.job.id} belongs to no run")
-    row = rows[0]
     is_cleanup = row["cleanup_job_id"] == ctx.job.id
     if not is_cleanup and (row["step"] is None or row["run_state"] != "running"):
         raise Cancel(f"run {row['run_id']} is {row['run_state']}: this step no longer runs")

@@ -43,7 +43,7 @@ class RunContext:
     @classmethod
     def from_row(cls, ctx: JobContext, row: Row) -> RunContext:
         """Build from a `run_job_context` row."""
-        results = codec.decode(row["prev_results"])
+        results = codec.decode_values(row["prev_results"])
         metadata = codec.decode(row["metadata"])
         run_input = codec.decode(row["input"])
         failure = None
@@ -74,7 +74,7 @@ class RunContext:
     async def state(self) -> dict[str, Any]:
         """The whole run state, as last committed."""
         rows = await self.ctx.app.db.fetch("read run state", "run_data_get", {"run_id": self.id})
-        return codec.decode(rows[0]["data"]) if rows else {}
+        return codec.decode_values(rows[0]["data"]) if rows else {}
 
     async def get(self, name: str, default: Any = None) -> Any:
         """One value of the run state, or `default`."""

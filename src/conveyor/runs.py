@@ -7,6 +7,8 @@ r"""Pipeline runs: their records and the operations on them (`app.runs`).
  [waiting] ------------> [running] ------------------------> [succeeded]
       |                   |     |
       | cancel     cancel |     | a step failed for good (after its retries)
+      |         (or a step|     |
+      |     was cancelled)|     |
       v                   v     v
  [cancelled] <-------------    [failed]
       |                           |
@@ -137,7 +139,7 @@ class Run:
             key=row["key"],
             input=codec.decode(row["input"]),
             metadata=codec.decode(row["metadata"]),
-            data=codec.decode(row["data"]),
+            data=codec.decode_values(row["data"]),
             counters=dict(row["counters"]),
             failed_step=row["failed_step"],
             error=row["error"],
@@ -170,7 +172,8 @@ class RunFailure:
     state: RunState
     """`failed` or `cancelled`."""
     failed_step: str | None
-    """The step that failed for good; None when the run was cancelled."""
+    """The step that failed for good (or was cancelled: a step raising `Cancel`, or
+    its job cancelled, cancels its run); None when the run itself was cancelled."""
     error: dict[str, Any] | None
     """That step's last error record (type, message, traceback), or the cancel reason."""
     results: dict[str, Any]
@@ -236,8 +239,12 @@ class Runs:
         (try again once they ended).
         """
         with _not_retryable_as_typed_error(run_id):
+            # Not resent after a lost connection: the first try may have applied.
             rows = await self._app.db.fetch(
-                "retry run", "run_retry", {"id": run_id, "channel": self._channel}
+                "retry run",
+                "run_retry",
+                {"id": run_id, "channel": self._channel},
+                idempotent=False,
             )
         if not rows or rows[0]["id"] is None:
             raise RunNotFound(run_id)

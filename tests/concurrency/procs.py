@@ -134,9 +134,12 @@ def start_worker(
     rescue_interval: float = 5.0,
     run_rescuer: bool = True,
     env: Mapping[str, str] | None = None,
+    queues: Sequence[str] | None = None,
+    pool_size: int | None = None,
 ) -> WorkerProcess:
     """Start `tests.concurrency.worker_main` on `database_url`; files go to `workdir`;
-    `env` adds environment variables (read by the sample tasks)."""
+    `env` adds environment variables (read by the sample tasks); `queues` and
+    `pool_size` default to the worker's and the App's configuration."""
     workdir.mkdir(parents=True, exist_ok=True)
     paths = {kind: workdir / f"{name}.{kind}" for kind in ("log", "ready", "stopping", "stats")}
     for path in paths.values():
@@ -164,6 +167,8 @@ def start_worker(
         f"--heartbeat-interval={heartbeat_interval}",
         f"--rescue-interval={rescue_interval}",
         *([] if run_rescuer else ["--no-rescuer"]),
+        *([] if queues is None else [f"--queues={','.join(queues)}"]),
+        *([] if pool_size is None else [f"--pool-size={pool_size}"]),
     ]
     with paths["log"].open("wb") as log:
         popen = subprocess.Popen(

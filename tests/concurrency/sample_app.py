@@ -15,7 +15,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from conveyor import App, ExponentialBackoff, JobContext
+from conveyor import App, Config, ExponentialBackoff, JobContext
+from tests.concurrency.pipeline_app import register_pipelines
 
 SCHEMA = "conveyor"
 
@@ -68,9 +69,11 @@ ever (peak), counted by the tasks themselves in autocommit statements."""
 TASK_POLL_S = 0.02
 
 
-def build_app(database_url: str) -> App:
-    """An App on `database_url` with the sample tasks registered."""
-    app = App(database_url, schema=SCHEMA)
+def build_app(database_url: str, *, pool_size: int | None = None) -> App:
+    """An App on `database_url` with the sample tasks and pipelines registered;
+    `pool_size` overrides the configured pool size."""
+    config = None if pool_size is None else Config.from_env(pool_size=pool_size)
+    app = App(database_url, schema=SCHEMA, config=config)
 
     @app.task(name=QUICK)
     async def quick(ctx: JobContext, n: int) -> int:
@@ -115,6 +118,7 @@ def build_app(database_url: str) -> App:
 
     _register_crash_tasks(app)
     _register_keyed_tasks(app)
+    register_pipelines(app)
     return app
 
 

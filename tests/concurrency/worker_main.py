@@ -42,6 +42,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--no-rescuer", dest="run_rescuer", action="store_false", help="do not rescue leases"
     )
+    parser.add_argument(
+        "--queues", default=None, help="comma-separated queues to claim from (default: default)"
+    )
+    parser.add_argument(
+        "--pool-size", type=int, default=None, help="the App's pool size (default: Config's)"
+    )
     return parser.parse_args(argv)
 
 
@@ -60,7 +66,7 @@ async def _ready(worker: Worker) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    app = build_app(os.environ["CONVEYOR_DATABASE_URL"])
+    app = build_app(os.environ["CONVEYOR_DATABASE_URL"], pool_size=args.pool_size)
     config = WorkerConfig(
         concurrency=args.concurrency,
         poll_interval=timedelta(seconds=args.poll_interval),
@@ -70,6 +76,8 @@ async def _serve(args: argparse.Namespace) -> None:
         rescue_interval=timedelta(seconds=args.rescue_interval),
         run_rescuer=args.run_rescuer,
     )
+    if args.queues is not None:
+        config = dataclasses.replace(config, queues=tuple(args.queues.split(",")))
     worker = Worker(app, config)
 
     def on_signal(signum: int) -> None:

@@ -83,6 +83,27 @@ CREATE TABLE conveyor.checkpoints (
     PRIMARY KEY (job_id, name)
 );
 
+-- What a step or cleanup job needs to run: its run, its step, and the results
+-- of every step it depends on (for a cleanup: of every step that succeeded).
+-- The claim returns it with each claimed step job, saving a round trip per step.
+CREATE FUNCTION conveyor.run_job_context(p_job_id bigint) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'run_id', r.id, 'pipeline', r.pipeline, 'run_state', r.state, 'input', r.input,
+        'metadata', r.metadata, 'failed_step', r.failed_step, 'run_error', r.error,
+        'cleanup_job_id', r.cleanup_job_id, 'step', s.name,
+        'prev_results', (
+            SELECT coalesce(jsonb_object_agg(a.name, a.result), '{}')
+            FROM conveyor.run_steps AS a
+            WHERE a.run_id = r.id
+              AND a.state = 'succeeded'
+              AND (s.name IS NULL OR a.name = ANY(s.ancestors))))
+    FROM conveyor.jobs AS j
+    JOIN conveyor.runs AS r ON r.id = j.run_id
+    LEFT JOIN conveyor.run_steps AS s ON s.job_id = j.id
+    WHERE j.id = p_job_id
+$$;
+
 -- Enqueue the jobs of every pending step of a running run whose dependencies
 -- have all succeeded; end the run when every step has. The caller holds the
 -- run's row lock.
@@ -166,6 +187,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     run conveyor.runs;
     cleanup_id bigint;
+    told bigint;
 BEGIN
     UPDATE conveyor.runs
     SET state = p_state, failed_step = p_failed_step, error = p_error,
@@ -176,25 +198,41 @@ BEGIN
     UPDATE conveyor.run_steps SET state = 'skipped'
     WHERE run_id = p_run_id AND state = 'pending';
 
-    -- Each cancelled job fires this trigger again; the run is no longer
-    -- running, so that only records the step as cancelled.
+    -- Stop the run's other jobs. SKIP LOCKED: a sibling's row is locked only by a
+    -- transaction that is ending it (it will find the run halted and start
+    -- nothing), claiming it, or writing its run state; waiting for those rows
+    -- while holding the run row could deadlock with them. Every running sibling
+    -- is told by NOTIFY, and a worker's heartbeat reports any job whose run
+    -- halted as cancelled, so a sibling skipped here stops within a heartbeat.
+    -- Each job cancelled here fires this trigger again, which records its step.
+    WITH siblings AS (
+        SELECT id, state FROM conveyor.jobs
+        WHERE run_id = p_run_id AND state IN ('scheduled', 'available', 'running')
+          AND id <> coalesce(run.cleanup_job_id, 0)
+        ORDER BY id
+        FOR UPDATE SKIP LOCKED
+    ),
+    waiting AS (
+        UPDATE conveyor.jobs AS j
+        SET state = 'cancelled',
+            finished_at = conveyor.now(),
+            errors = j.errors || jsonb_build_array(jsonb_build_object(
+                'at', conveyor.now(), 'attempt', j.attempt,
+                'type', 'conveyor.Cancelled', 'message', 'the run ended ' || p_state::text))
+        FROM siblings
+        WHERE j.id = siblings.id AND siblings.state IN ('scheduled', 'available')
+    )
     UPDATE conveyor.jobs AS j
-    SET state = 'cancelled',
-        finished_at = conveyor.now(),
-        errors = j.errors || jsonb_build_array(jsonb_build_object(
-            'at', conveyor.now(), 'attempt', j.attempt,
-            'type', 'conveyor.Cancelled', 'message', 'the run ended ' || p_state::text))
-    WHERE j.run_id = p_run_id AND j.state IN ('scheduled', 'available');
-
-    PERFORM pg_notify(p_channel, json_build_object(
-        'kind', 'cancel', 'job_id', j.id, 'worker_id', j.worker_id)::text)
-    FROM conveyor.jobs AS j
-    WHERE j.run_id = p_run_id AND j.state = 'running' AND j.cancel_requested_at IS NULL
-      AND j.id <> coalesce(run.cleanup_job_id, 0);
-    UPDATE conveyor.jobs
     SET cancel_requested_at = conveyor.now()
-    WHERE run_id = p_run_id AND state = 'running' AND cancel_requested_at IS NULL
-      AND id <> coalesce(run.cleanup_job_id, 0);
+    FROM siblings
+    WHERE j.id = siblings.id AND siblings.state = 'running' AND j.cancel_requested_at IS NULL;
+
+    SELECT count(pg_notify(p_channel, json_build_object(
+        'kind', 'cancel', 'job_id', j.id, 'worker_id', j.worker_id)::text))
+    INTO told
+    FROM conveyor.jobs AS j
+    WHERE j.run_id = p_run_id AND j.state = 'running'
+      AND j.id <> coalesce(run.cleanup_job_id, 0);
 
     IF run.cleanup IS NOT NULL THEN
         INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run_at,
@@ -404,9 +442,12 @@ BEGIN
                        AND other.state IN ('running', 'waiting'))
                  THEN 'waiting' ELSE 'running' END)::conveyor.run_state,
         failed_step = NULL, error = NULL, finished_at = NULL, cleanup_job_id = NULL,
-        started_at = conveyor.now()
+        started_at = NULL
     WHERE id = p_run_id
     RETURNING * INTO run;
+    IF run.state = 'running' THEN
+        UPDATE conveyor.runs SET started_at = conveyor.now() WHERE id = p_run_id;
+    END IF;
     IF run.state = 'running' THEN
         PERFORM conveyor.run_advance(p_run_id, p_channel);
     ELSE

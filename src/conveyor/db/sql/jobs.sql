@@ -179,7 +179,9 @@ SET state = 'running',
 FROM chosen
 WHERE j.id = chosen.id
   AND j.state IN ('scheduled', 'available')
-RETURNING j.*;
+-- A pipeline step's run context comes with it (one round trip per claim, not per step).
+RETURNING j.*, CASE WHEN j.run_id IS NOT NULL THEN conveyor.run_job_context(j.id) END
+                   AS run_context;
 
 -- name: job_finish_many
 -- Record a batch of attempt outcomes; a row whose lease token is stale is left alone (fencing).

@@ -48,19 +48,8 @@ SELECT * FROM conveyor.run_cancel(%(id)s, %(reason)s, %(channel)s);
 SELECT * FROM conveyor.run_retry(%(id)s, %(channel)s);
 
 -- name: run_job_context
--- What a step or cleanup job needs: its run, its step, and the results of
--- every step it depends on (for a cleanup: of every step that succeeded).
-SELECT r.id AS run_id, r.pipeline, r.state::text AS run_state, r.input, r.metadata,
-       r.failed_step, r.error AS run_error, r.cleanup_job_id, s.name AS step,
-       (SELECT coalesce(jsonb_object_agg(a.name, a.result), '{}')
-        FROM conveyor.run_steps AS a
-        WHERE a.run_id = r.id
-          AND a.state = 'succeeded'
-          AND (s.name IS NULL OR a.name = ANY(s.ancestors))) AS prev_results
-FROM conveyor.jobs AS j
-JOIN conveyor.runs AS r ON r.id = j.run_id
-LEFT JOIN conveyor.run_steps AS s ON s.job_id = j.id
-WHERE j.id = %(job_id)s;
+-- What a step or cleanup job needs (see the function); NULL for other jobs.
+SELECT conveyor.run_job_context(%(job_id)s) AS context;
 
 -- name: run_data_get
 -- The run's state document.

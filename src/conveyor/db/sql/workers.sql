@@ -33,7 +33,14 @@ renewed AS (
     SET lease_expires_at = conveyor.now() + make_interval(secs => %(lease_s)s)
     FROM lockable
     WHERE j.id = lockable.id
-    RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
+    -- A pipeline step whose run halted is as good as cancelled (the halt could
+    -- not lock this row to flag it; see run_halt).
+    RETURNING j.id,
+              j.cancel_requested_at IS NOT NULL
+              OR (j.run_id IS NOT NULL AND EXISTS (
+                  SELECT 1 FROM conveyor.runs AS r
+                  WHERE r.id = j.run_id AND r.state <> 'running'
+                    AND j.id IS DISTINCT FROM r.cleanup_job_id)) AS cancel_requested
 ),
 busy AS (
     -- Still ours as of this statement, only locked by someone else: not lost.
