@@ -54,6 +54,7 @@ WATCH_INTERVAL = timedelta(seconds=1)
 XACT_POLL_MIN_S = 0.005
 XACT_POLL_MAX_S = 0.1
 APPLICATION_NAME = "conveyor-lock"
+LOCK_TIMEOUT_MAX_MS = 2**31 - 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +149,8 @@ class AdvisoryLock(GuardedLock):
             # lock_timeout takes milliseconds as an integer; round up so a tiny timeout
             # still waits rather than meaning "no limit" (0).
             millis = max(1, int(timeout_s * 1000 + 0.999))
+            if millis > LOCK_TIMEOUT_MAX_MS:
+                millis = 0  # past what lock_timeout takes (about 24.8 days): no limit
             await self._fetch(
                 conn, "set lock timeout", "lock_set_timeout", {"timeout": str(millis)}
             )

@@ -30,6 +30,7 @@ from typing import Protocol, Self, runtime_checkable
 from conveyor.errors import LockLost, LockTimeout
 
 Seconds = float | timedelta | None
+GUARD_STOP_POLL_S = 0.05
 
 
 def as_seconds(value: Seconds) -> float | None:
@@ -104,6 +105,8 @@ class GuardedLock(ABC):
         self._guard: asyncio.Task[None] | None = None
         self._holder: asyncio.Task[object] | None = None
         self._cancelled_holder = False
+        self._stopping = False
+        """Set when the block ended: the guard must not act (extend, cancel) any more."""
 
     @property
     def owner(self) -> str:
@@ -164,6 +167,7 @@ class GuardedLock(ABC):
             raise LockTimeout(f"lock {self.describe()} not acquired within {waited:.3f}s")
         self._holder = asyncio.current_task()
         self._cancelled_holder = False
+        self._stopping = False
         self._guard = asyncio.create_task(self._run_guard(), name=f"lock-guard {self.describe()}")
         return self
 
@@ -185,6 +189,8 @@ class GuardedLock(ABC):
 
     async def _run_guard(self) -> None:
         await self._watch()
+        if self._stopping:
+            return
         self._lost = True
         if self._holder is not None and not self._holder.done():
             self._cancelled_holder = True
@@ -194,8 +200,11 @@ class GuardedLock(ABC):
         guard, self._guard = self._guard, None
         if guard is None:
             return
-        if not guard.done():
-            guard.cancel()
+        self._stopping = True
+        # Cancel until it is done: on Python 3.11 a cancel that lands while the
+        # guard's command completes inside asyncio.wait_for can be swallowed.
         # wait(), not await: the guard's own CancelledError must not be taken for
         # a cancellation of this task (which still propagates from wait()).
-        await asyncio.wait({guard})
+        while not guard.done():
+            guard.cancel()
+            await asyncio.wait({guard}, timeout=GUARD_STOP_POLL_S)

@@ -17,8 +17,10 @@ should carry `fencing_token`, which grows with every acquisition of the key.
 
 Release and extend run Lua scripts that compare the stored owner first: a
 wrong owner gets `LockNotOwned` and nothing changes. Connection errors are
-retried (the client reconnects); an acquire whose reply was lost is recovered
-by checking whether the key now holds our owner id.
+retried (the client reconnects), and every script is safe to replay: the
+stored value is `<owner>|<nonce>`, one nonce per acquire call, so a replayed
+acquire recognises its own success; a release leaves a marker naming its call
+for a minute, so a replayed release is still answered "released".
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from datetime import timedelta
 from functools import cache
 from importlib import resources
@@ -47,6 +50,9 @@ POLL_MIN_S = 0.01
 POLL_MAX_S = 0.1
 COMMAND_RETRIES = 3
 """Attempts of one script call across connection errors before giving up."""
+RELEASE_MARKER_TTL_MS = 60_000
+"""How long a release is remembered, so a replay of it (after a lost reply) is
+still answered "released": far longer than any client retry takes."""
 
 
 def redis_client(url: str, **options: Any) -> redis.asyncio.Redis:
@@ -97,6 +103,8 @@ class RedisLock(GuardedLock):
         ttl_s = as_seconds(ttl)
         if ttl_s is None or ttl_s < 0.001:
             raise LockError(f"a Redis lock needs a TTL of at least 1 ms, got {ttl!r}")
+        if "|" in self.owner:
+            raise LockError(f"a Redis lock owner must not contain '|', got {self.owner!r}")
         self.key = key
         self.ttl = ttl_s
         self.auto_extend = auto_extend
@@ -104,13 +112,14 @@ class RedisLock(GuardedLock):
         # The braces make the lock and its counter one hash slot (Redis Cluster).
         self.redis_key = f"{prefix}{{{key}}}"
         self.fence_key = f"{self.redis_key}:fence"
+        self.release_marker_key = f"{self.redis_key}:released"
         self._client = client
         self._deadline = 0.0
         scripts = _scripts()
         self._acquire_script = client.register_script(scripts["acquire"])
         self._release_script = client.register_script(scripts["release"])
         self._extend_script = client.register_script(scripts["extend"])
-        self._recover_script = client.register_script(scripts["recover"])
+        self._abandon_script = client.register_script(scripts["abandon"])
 
     def __repr__(self) -> str:
         return f"<RedisLock {self.key} owner={self.owner} held={self.held}>"
@@ -124,26 +133,36 @@ class RedisLock(GuardedLock):
         """Seconds until the holder must assume the lock expired (0 if not held)."""
         return max(0.0, self._deadline - time.monotonic()) if self.held else 0.0
 
+    @property
+    def held(self) -> bool:
+        """True while acquired, not lost, and the TTL has not run out on this clock."""
+        return self._held and not self._lost and time.monotonic() < self._deadline
+
+    def check(self) -> None:
+        """Raise `LockLost` if the lock was lost or its TTL ran out (between awaits)."""
+        if self._held and time.monotonic() >= self._deadline:
+            self._lost = True
+        super().check()
+
     async def _acquire(self, timeout_s: float | None) -> bool:
+        # One nonce per acquire call: a replay of this call's script (by the client's
+        # retry, or ours after an error) finds its own value and gets its token.
+        value = f"{self.owner}|{uuid.uuid4().hex}"
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         delay = POLL_MIN_S
-        reply_lost = False
         while True:
             sent_at = time.monotonic()
-            token = None
             try:
-                if reply_lost:
-                    token = await self._recover_script(
-                        keys=[self.redis_key, self.fence_key], args=[self.owner]
-                    )
-                    reply_lost = False
-                if token is None:
-                    token = await self._acquire_script(
-                        keys=[self.redis_key, self.fence_key], args=[self.owner, self._ttl_ms()]
-                    )
+                token = await self._acquire_script(
+                    keys=[self.redis_key, self.fence_key], args=[value, self._ttl_ms()]
+                )
             except _TRANSIENT_ERRORS as exc:
                 log.warning("Redis lock %s: acquire failed (%s); retrying", self.key, exc)
-                reply_lost = True
+                token = None
+                if deadline is not None and time.monotonic() >= deadline:
+                    # The last try may have applied: never return False with a key
+                    # that this call set left behind.
+                    token = await self._settle(value)
             if token is not None:
                 self._token = int(token)
                 self._deadline = sent_at + self.ttl
@@ -156,11 +175,31 @@ class RedisLock(GuardedLock):
             await asyncio.sleep(pause)
             delay = min(delay * 2, POLL_MAX_S)
 
+    async def _settle(self, value: str) -> int | None:
+        """After a failed last try: the token if it applied after all, else None,
+        with any key this acquire call set deleted (best effort)."""
+        try:
+            token = await self._call(
+                self._acquire_script, [self.redis_key, self.fence_key], [value, self._ttl_ms()]
+            )
+        except _TRANSIENT_ERRORS:
+            token = None
+        if token is None:
+            try:
+                await self._call(self._abandon_script, [self.redis_key], [value])
+            except _TRANSIENT_ERRORS as exc:
+                log.warning("Redis lock %s: could not clean up after acquire (%s)", self.key, exc)
+        return None if token is None else int(token)
+
     async def release(self) -> None:
         """Release if this owner holds the lock; `LockNotOwned` (nothing changed) otherwise."""
-        was_held = self.held
+        was_held = self._held
         self._held = False
-        released = await self._call(self._release_script, [self.redis_key], [self.owner])
+        released = await self._call(
+            self._release_script,
+            [self.redis_key, self.release_marker_key],
+            [self.owner, uuid.uuid4().hex, RELEASE_MARKER_TTL_MS],
+        )
         if not released:
             detail = " (its TTL expired)" if was_held else ""
             raise LockNotOwned(f"lock {self.key} is not held by owner {self.owner}{detail}")
@@ -189,6 +228,8 @@ class RedisLock(GuardedLock):
                 await asyncio.sleep(remaining)
                 continue
             await asyncio.sleep(self.ttl / 3)
+            if self._stopping:
+                return
             try:
                 await self.extend()
             except LockNotOwned:
