@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from conveyor.app import App
+from conveyor.cli.bench import bench
 from conveyor.cli.common import (
     DatabaseUrl,
     Schema,
@@ -41,6 +42,7 @@ cli = typer.Typer(
     add_completion=False,
 )
 cli.add_typer(runs_cli, name="runs")
+cli.command()(bench)
 STATE_ORDER = [s.value for s in JobState]
 
 
