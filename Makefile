@@ -28,8 +28,10 @@ test: lint typecheck
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/throughput.py --jobs 10000 --concurrency 10
-	$(BIN)/python benchmarks/throughput.py --jobs 10000 --concurrency 50
-	$(BIN)/python benchmarks/keys.py --jobs 10000 --limit 10
-	$(BIN)/python benchmarks/pipelines.py --runs 1000 --steps 5 --concurrency 20
+# The peers (procrastinate, pgqueuer) are installed for the side-by-side runs only.
+$(VENV)/.peers: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,peers]'
+	touch $(VENV)/.peers
+
+bench: $(VENV)/.peers
+	$(BIN)/python -m benchmarks.run --out benchmarks/results
