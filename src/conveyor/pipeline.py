@@ -114,9 +114,11 @@ class Pipeline:
         self._steps: dict[str, _Declared] = {}
         self._cleanup: Task | None = None
         self._steps_json: str | None = None
-        if on_failure is not None and f"{name}:{CLEANUP_SUFFIX}" in app.tasks:
+        if on_failure is not None:
             # Checked first, so a failed declaration registers nothing at all.
-            raise InvalidPipeline(f"task {name}:{CLEANUP_SUFFIX} is already registered")
+            if f"{name}:{CLEANUP_SUFFIX}" in app.tasks:
+                raise InvalidPipeline(f"task {name}:{CLEANUP_SUFFIX} is already registered")
+            _check_callable(on_failure, "on_failure cleanup", extra=1)
         declared = [(s, _options(s)) for s in steps]
         self._declare_all(declared)
         if on_failure is not None:

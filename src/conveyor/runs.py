@@ -33,7 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor import codec
 from conveyor.db.control import control_channel
-from conveyor.errors import DatabaseError, RunNotFound, RunNotRetryable, WaitTimeout
+from conveyor.errors import (
+    DatabaseError,
+    InvalidArguments,
+    RunNotFound,
+    RunNotRetryable,
+    WaitTimeout,
+)
 
 if TYPE_CHECKING:
     from conveyor.app import App
@@ -208,6 +214,10 @@ class Runs:
         self, *, pipeline: str | None = None, state: str | None = None, limit: int = 50
     ) -> list[Run]:
         """Recent runs, newest first (without their steps)."""
+        if state is not None and state not in {s.value for s in RunState}:
+            raise InvalidArguments(
+                f"unknown run state {state!r}; one of {[s.value for s in RunState]}"
+            )
         rows = await self._app.db.fetch(
             "list runs", "run_list", {"pipeline": pipeline, "state": state, "limit": limit}
         )

@@ -451,3 +451,37 @@ async def test_a_very_long_acquire_timeout_waits_instead_of_failing(
     await holder.release()
     assert await asyncio.wait_for(waiting, timeout=5) is True
     await patient.release()
+
+
+async def test_a_lock_lost_in_its_block_closes_its_connection_and_can_be_taken_again(
+    advisory_lock: AdvisoryFactory, database_url: str
+) -> None:
+    lock = advisory_lock("lost-then-again", watch_interval=timedelta(milliseconds=20))
+    with pytest.raises(LockLost):
+        async with lock:
+            await execute(database_url, "SELECT pg_terminate_backend(%s)", (lock.pid,))
+            await asyncio.sleep(30)
+    assert lock.pid is None and not lock.held
+    # The object is usable again: its dead connection was dropped, not reused.
+    assert await lock.acquire(timeout=2)
+    await lock.release()
+
+
+async def test_a_cancelled_check_statement_does_not_count_as_a_lost_lock(
+    advisory_lock: AdvisoryFactory, database_url: str
+) -> None:
+    lock = advisory_lock("cancelled-check", watch_interval=timedelta(milliseconds=20))
+    async with lock:
+        for _ in range(5):
+            await execute(database_url, "SELECT pg_cancel_backend(%s)", (lock.pid,))
+            await asyncio.sleep(0.03)
+        assert lock.held and not lock.lost
+    assert not lock.held
+
+
+def test_bad_durations_and_keys_are_typed_errors(app: App) -> None:
+    for timeout in (float("nan"), float("inf"), -1, "5", True):
+        with pytest.raises(LockError):
+            app.lock("k", timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(LockError, match="UTF-8"):
+        app.lock("bad \udcff key")

@@ -341,9 +341,11 @@ def test_bad_keys_and_ttls_raise_lock_error(
         RedisLock(client, key, ttl=ttl, prefix=redis_prefix)
 
 
-def test_a_negative_ttl_raises_value_error(client: redis.asyncio.Redis) -> None:
-    with pytest.raises(ValueError, match="negative"):
+def test_a_negative_ttl_raises_a_typed_lock_error(client: redis.asyncio.Redis) -> None:
+    with pytest.raises(LockError, match="negative"):
         RedisLock(client, "ok", ttl=-1)
+    with pytest.raises(LockError, match="finite"):
+        RedisLock(client, "ok", ttl=float("inf"))
 
 
 class ReplyLoss:
@@ -461,3 +463,36 @@ async def test_an_extend_whose_reply_was_lost_in_the_client_still_succeeds(
     await lock.extend(3)
     assert 2000 < (await stored(admin_client, lock))[1] <= 3000
     await lock.release()
+
+
+async def test_a_hold_that_expired_never_touches_a_newer_hold_of_the_same_owner(
+    redis_lock: RedisFactory, admin_client: redis.asyncio.Redis
+) -> None:
+    stale = redis_lock("same-owner", owner="worker-7", ttl=0.2)
+    assert await stale.acquire(timeout=0)
+    fresh = redis_lock("same-owner", owner="worker-7", ttl=5)
+    assert await fresh.acquire(timeout=2)  # after the stale hold's TTL ran out
+    with pytest.raises(LockNotOwned):
+        await stale.extend(10)
+    with pytest.raises(LockNotOwned):
+        await stale.release()
+    owner, pttl = await stored(admin_client, fresh)
+    assert owner == "worker-7" and pttl > 4000, "the newer hold must be untouched"
+    await fresh.release()
+
+
+async def test_a_lost_block_is_told_before_the_ttl_even_when_extends_hang(
+    redis_lock: RedisFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = redis_lock("hanging-extend", ttl=0.3)
+
+    async def hang(*args: object, **kwargs: object) -> None:
+        await asyncio.sleep(60)
+
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(LockLost):
+        async with lock:
+            monkeypatch.setattr(lock, "extend", hang)
+            await asyncio.sleep(30)
+    # Told by the TTL on the holder's clock, not after a 60 s extend.
+    assert asyncio.get_running_loop().time() - started < 5

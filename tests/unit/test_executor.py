@@ -256,15 +256,17 @@ async def test_sync_timeout_is_a_failure_and_asks_the_function_to_stop(
     assert error_of(outcome)["type"] == "conveyor.worker.executor.AttemptTimeout"
 
 
-async def test_non_json_result_is_a_failure(offline: App, threads: ThreadPoolExecutor) -> None:
+async def test_non_json_result_fails_for_good(offline: App, threads: ThreadPoolExecutor) -> None:
+    """Running again cannot make the result storable: no retry, whatever attempts are left."""
+
     @offline.task(name="odd")
     async def odd(ctx: JobContext) -> object:
         return {1, 2, 3}
 
-    outcome = await run(offline, odd, claimed("odd", attempt=1, max_attempts=1), threads)
+    outcome = await run(offline, odd, claimed("odd", attempt=1, max_attempts=5), threads)
     assert outcome.state == "failed"
     error = error_of(outcome)
-    assert error["type"] == "builtins.TypeError"
+    assert error["type"] == "conveyor.outcomes.Fail"
     assert "not JSON-serialisable" in error["message"]
 
 

@@ -213,6 +213,7 @@ class AdvisoryLock(GuardedLock):
         """Drop the connection (and with it the lock) without a release statement."""
         conn, self._conn = self._conn, None
         self._held = False
+        self._pid = None
         if conn is not None:
             await conn.close()
 
@@ -223,8 +224,15 @@ class AdvisoryLock(GuardedLock):
             try:
                 await conn.execute("SELECT 1")
             except psycopg.Error as exc:
+                if not conn.broken and not conn.closed:
+                    # A cancelled statement (pg_cancel_backend), not a lost session.
+                    log.warning("advisory lock %s: check failed (%s)", self.describe(), exc)
+                    continue
                 log.error("advisory lock %s lost: its connection ended (%s)", self.describe(), exc)
                 return
+
+    async def _discard(self) -> None:
+        await self.close()
 
     @property
     def _ids(self) -> dict[str, int]:

@@ -18,6 +18,7 @@ docs/locks.md).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import time
@@ -27,19 +28,25 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-from conveyor.errors import LockLost, LockTimeout
+from conveyor.errors import LockError, LockLost, LockTimeout
 
 Seconds = float | timedelta | None
 GUARD_STOP_POLL_S = 0.05
 
 
 def as_seconds(value: Seconds) -> float | None:
-    """A duration in seconds (None stays None)."""
+    """A duration in seconds (None stays None); `LockError` for anything else than a
+    finite, non-negative number of seconds or a timedelta."""
     if value is None:
         return None
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds < 0:
-        raise ValueError(f"a duration must not be negative, got {value!r}")
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise LockError(f"a duration is seconds or a timedelta, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise LockError(f"a duration must be finite and not negative, got {value!r}")
     return seconds
 
 
@@ -141,6 +148,10 @@ class GuardedLock(ABC):
     async def _watch(self) -> None:
         """Return when the held lock is lost; cancelled when it is released."""
 
+    @abstractmethod
+    async def _discard(self) -> None:
+        """Drop what a lost lock still holds locally (its connection)."""
+
     async def acquire(self, timeout: Seconds = None) -> bool:
         """See `Lock.acquire`."""
         acquired = await self._acquire(as_seconds(timeout))
@@ -177,15 +188,19 @@ class GuardedLock(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._stop_guard()
-        if self._cancelled_holder and self._holder is not None:
-            # Our own cancellation of the block: consume it, report the loss instead.
-            self._holder.uncancel()
-        self._holder = None
-        if self._lost:
-            self._held = False
-            raise LockLost(f"lock {self.describe()} was lost while its block ran") from exc
-        await self.release()
+        try:
+            await self._stop_guard()
+        finally:
+            # Even if this exit is cancelled meanwhile, the lock is given up.
+            if self._cancelled_holder and self._holder is not None:
+                # Our own cancellation of the block: consume it, report the loss instead.
+                self._holder.uncancel()
+            self._holder = None
+            if self._lost:
+                self._held = False
+                await self._discard()
+                raise LockLost(f"lock {self.describe()} was lost while its block ran") from exc
+            await self.release()
 
     async def _run_guard(self) -> None:
         await self._watch()

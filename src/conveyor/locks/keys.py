@@ -59,7 +59,10 @@ def advisory_id(key: LockKey) -> AdvisoryId:
     if isinstance(key, str):
         if not key or len(key) > KEY_MAX_LENGTH:
             raise LockError(f"a lock key is a non-empty string of at most {KEY_MAX_LENGTH} chars")
-        digest = hashlib.sha256(key.encode()).digest()
+        try:
+            digest = hashlib.sha256(key.encode()).digest()
+        except UnicodeEncodeError as exc:
+            raise LockError(f"a lock key must be valid UTF-8 text, got {key!r}") from exc
         return AdvisoryId(single=int.from_bytes(digest[:8], "big", signed=True))
     if (
         isinstance(key, tuple)

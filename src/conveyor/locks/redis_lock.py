@@ -48,6 +48,8 @@ DEFAULT_TTL = timedelta(seconds=30)
 KEY_PREFIX = "conveyor:lock:"
 POLL_MIN_S = 0.01
 POLL_MAX_S = 0.1
+RETRY_PAUSE_S = 0.01
+"""Pause before the guard tries again after a failed extend."""
 COMMAND_RETRIES = 3
 """Attempts of one script call across connection errors before giving up."""
 RELEASE_MARKER_TTL_MS = 60_000
@@ -67,7 +69,9 @@ def redis_client(url: str, **options: Any) -> redis.asyncio.Redis:
             "Redis locks need the redis extra: pip install 'conveyor[redis]'"
         ) from exc
     settings: dict[str, Any] = {
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), COMMAND_RETRIES),
+        # A quick first retry: a lock's TTL may be short, and a dropped connection
+        # is usually back at once (the guard cuts each extend at the lock's deadline).
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.005), COMMAND_RETRIES),
         "retry_on_error": [ConnectionError, TimeoutError],
         "socket_timeout": 5,
         "socket_connect_timeout": 5,
@@ -115,6 +119,8 @@ class RedisLock(GuardedLock):
         self.release_marker_key = f"{self.redis_key}:released"
         self._client = client
         self._deadline = 0.0
+        self._value = ""
+        """What this object's last acquire stored ("" until one succeeds)."""
         scripts = _scripts()
         self._acquire_script = client.register_script(scripts["acquire"])
         self._release_script = client.register_script(scripts["release"])
@@ -165,6 +171,7 @@ class RedisLock(GuardedLock):
                     token = await self._settle(value)
             if token is not None:
                 self._token = int(token)
+                self._value = value
                 self._deadline = sent_at + self.ttl
                 return True
             if deadline is not None and time.monotonic() >= deadline:
@@ -198,7 +205,7 @@ class RedisLock(GuardedLock):
         released = await self._call(
             self._release_script,
             [self.redis_key, self.release_marker_key],
-            [self.owner, uuid.uuid4().hex, RELEASE_MARKER_TTL_MS],
+            [self.owner, uuid.uuid4().hex, RELEASE_MARKER_TTL_MS, self._value],
         )
         if not released:
             detail = " (its TTL expired)" if was_held else ""
@@ -210,7 +217,9 @@ class RedisLock(GuardedLock):
         assert ttl_s is not None
         sent_at = time.monotonic()
         millis = max(1, round(ttl_s * 1000))
-        extended = await self._call(self._extend_script, [self.redis_key], [self.owner, millis])
+        extended = await self._call(
+            self._extend_script, [self.redis_key], [self.owner, millis, self._value]
+        )
         if not extended:
             if self._held:
                 self._lost = True
@@ -219,29 +228,41 @@ class RedisLock(GuardedLock):
         self._deadline = sent_at + ttl_s
 
     async def _watch(self) -> None:
+        pause = self.ttl / 3
         while True:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                log.error("Redis lock %s: its TTL ran out while its block ran", self.key)
+                return
             if not self.auto_extend:
-                remaining = self._deadline - time.monotonic()
-                if remaining <= 0:
-                    log.error("Redis lock %s: TTL ran out while its block ran", self.key)
-                    return
                 await asyncio.sleep(remaining)
                 continue
-            await asyncio.sleep(self.ttl / 3)
+            await asyncio.sleep(min(pause, remaining))
+            pause = self.ttl / 3
+            remaining = self._deadline - time.monotonic()
             if self._stopping:
-                return
+                return  # the block ended: _run_guard sees _stopping and does nothing
+            if remaining <= 0:
+                continue  # reported as lost at the top of the loop
             try:
-                await self.extend()
+                # Never past the deadline: a slow extend must not let the block run
+                # on after Redis may already have freed the key.
+                async with asyncio.timeout(remaining):
+                    await self.extend()
             except LockNotOwned:
                 log.error("Redis lock %s lost: no longer held by %s", self.key, self.owner)
                 return
+            except TimeoutError:
+                log.warning("Redis lock %s: extend timed out; retrying", self.key)
+                pause = RETRY_PAUSE_S
             except _TRANSIENT_ERRORS as exc:
-                if time.monotonic() >= self._deadline:
-                    log.error(
-                        "Redis lock %s lost: could not extend before its TTL (%s)", self.key, exc
-                    )
-                    return
                 log.warning("Redis lock %s: extend failed (%s); retrying", self.key, exc)
+                pause = RETRY_PAUSE_S
+
+    async def _discard(self) -> None:
+        """Nothing is held locally: Redis frees the key at its TTL. (The acquired
+        value is kept, so this object can never touch a newer hold of its owner.)"""
+        return None
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         for attempt in range(COMMAND_RETRIES):

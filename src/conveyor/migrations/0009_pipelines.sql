@@ -149,6 +149,17 @@ END
 $$;
 
 -- Start the oldest run waiting for (pipeline, key) if none of the key runs.
+-- Serialise every decision about one key's line (start, promote, retry) with a
+-- transaction-level advisory lock on the key: whoever holds it sees the line as
+-- the previous holder left it. Pipeline names hold no ':', so the lock name is
+-- unambiguous. Lock order: a run row of the key's running (or retried) run,
+-- then this lock, then the waiting run a promotion starts; a waiting run's
+-- cancel never takes this lock (run_halt).
+CREATE FUNCTION conveyor.lock_run_key(p_pipeline text, p_key text) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_advisory_xact_lock(hashtextextended('conveyor.run-key:' || p_pipeline || ':' || p_key, 0))
+$$;
+
 CREATE FUNCTION conveyor.run_promote_next(p_pipeline text, p_key text, p_channel text)
 RETURNS void
 LANGUAGE plpgsql AS $$
@@ -158,6 +169,7 @@ BEGIN
     IF p_key IS NULL THEN
         RETURN;
     END IF;
+    PERFORM conveyor.lock_run_key(p_pipeline, p_key);
     IF EXISTS (SELECT 1 FROM conveyor.runs
                WHERE pipeline = p_pipeline AND key = p_key AND state = 'running') THEN
         RETURN;
@@ -186,9 +198,11 @@ CREATE FUNCTION conveyor.run_halt(
 LANGUAGE plpgsql AS $$
 DECLARE
     run conveyor.runs;
+    was_running boolean;
     cleanup_id bigint;
     told bigint;
 BEGIN
+    SELECT state = 'running' INTO was_running FROM conveyor.runs WHERE id = p_run_id;
     UPDATE conveyor.runs
     SET state = p_state, failed_step = p_failed_step, error = p_error,
         finished_at = conveyor.now()
@@ -244,7 +258,11 @@ BEGIN
         UPDATE conveyor.runs SET cleanup_job_id = cleanup_id WHERE id = p_run_id;
     END IF;
 
-    PERFORM conveyor.run_promote_next(run.pipeline, run.key, p_channel);
+    -- Only a running run frees its key. (A waiting run's cancel must not take
+    -- the key lock: it holds that run's row, which a promotion may be after.)
+    IF was_running THEN
+        PERFORM conveyor.run_promote_next(run.pipeline, run.key, p_channel);
+    END IF;
 END
 $$;
 
@@ -318,7 +336,8 @@ CREATE TRIGGER jobs_advance_runs
 
 -- Create a run (inside the caller's transaction when it gives one). Without a
 -- key it starts at once. With a key it starts only if no run of that key is
--- running and none is waiting before it; otherwise it waits its turn.
+-- running and none is waiting before it; otherwise it waits its turn. A keyed
+-- start in the caller's transaction holds the key lock until it commits.
 CREATE FUNCTION conveyor.run_start(
     p_pipeline text, p_key text, p_input jsonb, p_metadata jsonb, p_steps jsonb,
     p_cleanup jsonb, p_channel text
@@ -327,40 +346,29 @@ LANGUAGE plpgsql AS $$
 DECLARE
     run conveyor.runs;
 BEGIN
-    LOOP
-        IF p_key IS NULL THEN
-            INSERT INTO conveyor.runs (pipeline, state, input, metadata, cleanup, created_at,
-                                       started_at)
-            VALUES (p_pipeline, 'running', p_input, p_metadata, p_cleanup, conveyor.now(),
-                    conveyor.now())
-            RETURNING * INTO run;
-            EXIT;
-        END IF;
-        -- Lock the key's running run: if it is ending right now, this waits for
-        -- that to commit (and then sees it ended); otherwise its end waits for
-        -- this transaction, and so sees this run waiting and starts it.
-        PERFORM 1 FROM conveyor.runs
-        WHERE pipeline = p_pipeline AND key = p_key AND state = 'running'
-        FOR UPDATE;
-        IF FOUND OR EXISTS (SELECT 1 FROM conveyor.runs
-                            WHERE pipeline = p_pipeline AND key = p_key
-                              AND state = 'waiting') THEN
-            INSERT INTO conveyor.runs (pipeline, state, key, input, metadata, cleanup,
-                                       created_at)
-            VALUES (p_pipeline, 'waiting', p_key, p_input, p_metadata, p_cleanup,
-                    conveyor.now())
-            RETURNING * INTO run;
-            EXIT;
-        END IF;
+    IF p_key IS NULL THEN
+        INSERT INTO conveyor.runs (pipeline, state, input, metadata, cleanup, created_at,
+                                   started_at)
+        VALUES (p_pipeline, 'running', p_input, p_metadata, p_cleanup, conveyor.now(),
+                conveyor.now())
+        RETURNING * INTO run;
+    ELSE
+        -- Under the key lock the line cannot change. A run of the key that is
+        -- ending right now (its transaction not yet committed) still looks
+        -- running: this run then waits, and that run's end, which takes the key
+        -- lock after this transaction commits, starts it.
+        PERFORM conveyor.lock_run_key(p_pipeline, p_key);
         INSERT INTO conveyor.runs (pipeline, state, key, input, metadata, cleanup, created_at,
                                    started_at)
-        VALUES (p_pipeline, 'running', p_key, p_input, p_metadata, p_cleanup, conveyor.now(),
-                conveyor.now())
-        ON CONFLICT (pipeline, key) WHERE key IS NOT NULL AND state = 'running' DO NOTHING
+        SELECT p_pipeline, busy.state, p_key, p_input, p_metadata, p_cleanup, conveyor.now(),
+               CASE WHEN busy.state = 'running' THEN conveyor.now() END
+        FROM (SELECT (CASE WHEN EXISTS (
+                          SELECT 1 FROM conveyor.runs
+                          WHERE pipeline = p_pipeline AND key = p_key
+                            AND state IN ('running', 'waiting'))
+                      THEN 'waiting' ELSE 'running' END)::conveyor.run_state AS state) AS busy
         RETURNING * INTO run;
-        EXIT WHEN run.id IS NOT NULL;
-        -- Another start of the same key won the race: look again.
-    END LOOP;
+    END IF;
 
     INSERT INTO conveyor.run_steps (run_id, name, position, depends_on, ancestors, state,
                                     task, queue, priority, max_attempts, timeout_ms)
@@ -373,10 +381,6 @@ BEGIN
 
     IF run.state = 'running' THEN
         PERFORM conveyor.run_advance(run.id, p_channel);
-    ELSE
-        -- Waiting behind a run that is no longer there (it ended while this
-        -- transaction waited): take the head of the line now.
-        PERFORM conveyor.run_promote_next(p_pipeline, p_key, p_channel);
     END IF;
     SELECT * INTO run FROM conveyor.runs WHERE id = run.id;
     RETURN run;
@@ -432,6 +436,9 @@ BEGIN
         RAISE EXCEPTION 'run % has a step or its cleanup still to finish: retry once they ended',
             p_run_id USING ERRCODE = 'CVR01';
     END IF;
+    IF run.key IS NOT NULL THEN
+        PERFORM conveyor.lock_run_key(run.pipeline, run.key);
+    END IF;
     UPDATE conveyor.run_steps
     SET state = 'pending', job_id = NULL, error = NULL, finished_at = NULL
     WHERE run_id = p_run_id AND state IN ('failed', 'cancelled', 'skipped', 'enqueued');
@@ -447,8 +454,6 @@ BEGIN
     RETURNING * INTO run;
     IF run.state = 'running' THEN
         UPDATE conveyor.runs SET started_at = conveyor.now() WHERE id = p_run_id;
-    END IF;
-    IF run.state = 'running' THEN
         PERFORM conveyor.run_advance(p_run_id, p_channel);
     ELSE
         PERFORM conveyor.run_promote_next(run.pipeline, run.key, p_channel);

@@ -23,6 +23,7 @@ from concurrent.futures import Executor
 from datetime import timedelta
 from typing import Any
 
+from conveyor.codec import CodecError
 from conveyor.context import JobContext
 from conveyor.errors import TaskNotFound
 from conveyor.jobs import Job
@@ -66,7 +67,12 @@ async def execute(
         value = await _call(task, job, ctx, threads, hard_limit, on_leak)
         if ctx.stop_reason is None:
             encode = task.encode_result or _encode_result
-            return Outcome.succeeded(job.id, token, encode(value))
+            try:
+                encoded = encode(value)
+            except (TypeError, ValueError, CodecError) as exc:
+                # Running again cannot make the result storable: fail for good.
+                raise Fail(f"task result cannot be stored: {exc}") from exc
+            return Outcome.succeeded(job.id, token, encoded)
     except (asyncio.CancelledError, Exception) as exc:
         if ctx.stop_reason is None:
             # Includes a CancelledError raised by the task's own code: only the
