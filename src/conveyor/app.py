@@ -48,6 +48,7 @@ from conveyor.errors import (
 from conveyor.jobs import Job, KeyStats, QueueStats, WorkerInfo
 from conveyor.locks.advisory import AdvisoryLock, LockInfo, is_locked, list_locks, xact_lock
 from conveyor.locks.keys import LockKey
+from conveyor.maintenance.pruner import PruneReport, prune
 from conveyor.migrations.migrator import check_schema, migrate
 from conveyor.pipeline import Pipeline, Step
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
@@ -443,6 +444,18 @@ class App:
             "set key limit", "key_set_limit", {"queue": queue, "key": key, "limit": limit}
         )
         return KeyStats.from_row(rows[0])
+
+    # -- retention -----------------------------------------------------------
+
+    async def prune(
+        self,
+        *,
+        older_than: timedelta,
+        states: Sequence[str] = ("succeeded", "failed", "cancelled"),
+    ) -> PruneReport:
+        """Delete jobs and pipeline runs in `states` (terminal ones) that finished
+        more than `older_than` ago, in batches; returns how many went."""
+        return await prune(self.db, older_than=older_than, states=states)
 
     # -- locks -------------------------------------------------------------
 

@@ -112,6 +112,9 @@ class WorkerConfig:
     """Threads for sync task functions; None means `concurrency`."""
     listen: bool = True
     """Use LISTEN/NOTIFY wake-ups (off for poolers that cannot LISTEN)."""
+    retention: dict[str, timedelta] = field(default_factory=dict)
+    """Per terminal state, how long finished jobs and runs are kept; the rescuer
+    pass deletes older ones (`{"succeeded": timedelta(days=1)}`). Empty: keep all."""
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form labels recorded with the worker."""
 
@@ -138,6 +141,10 @@ class WorkerConfig:
             raise ConfigError("WorkerConfig.dead_after must be longer than heartbeat_interval")
         if self.sync_threads is not None:
             _positive("WorkerConfig.sync_threads", self.sync_threads)
+        for state, age in self.retention.items():
+            if state not in ("succeeded", "failed", "cancelled"):
+                raise ConfigError(f"WorkerConfig.retention: {state!r} is not a terminal state")
+            _positive_duration(f"WorkerConfig.retention[{state!r}]", age)
 
 
 def _positive(name: str, value: int) -> None:

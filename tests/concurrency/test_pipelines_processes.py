@@ -733,7 +733,10 @@ async def test_a_branch_failing_beside_running_siblings_halts_its_run_once_witho
 
     assert await steps_disagreeing_with_their_jobs(app, ids) == []
     found = await executions(app)
-    assert all(len(e) == 1 for e in found.values()), "a step ran twice"
+    twice = {key: ran for key, ran in found.items() if len(ran) != 1}
+    if twice:  # say which attempts, and why they ended, before failing
+        twice_jobs = await job_errors(app, sorted({e["job_id"] for r in twice.values() for e in r}))
+        raise AssertionError(f"a step ran twice: {twice}; their jobs' errors: {twice_jobs}")
     reports = await cleanup_results(app, done)
     for spec, run in zip(inputs, done, strict=True):
         n = spec["n"]
@@ -806,7 +809,10 @@ async def test_runs_cancelled_mid_flight_stop_for_good_clean_up_once_and_retry_t
 
     assert await steps_disagreeing_with_their_jobs(app, ids) == []
     found = await executions(app)
-    assert all(len(e) == 1 for e in found.values()), "a step ran twice"
+    twice = {key: ran for key, ran in found.items() if len(ran) != 1}
+    if twice:  # say which attempts, and why they ended, before failing
+        twice_jobs = await job_errors(app, sorted({e["job_id"] for r in twice.values() for e in r}))
+        raise AssertionError(f"a step ran twice: {twice}; their jobs' errors: {twice_jobs}")
     reports = await cleanup_results(app, done)
     cancelled = [r for r in done if r.state is RunState.CANCELLED]
     assert {r.id for r in cancelled} <= victims

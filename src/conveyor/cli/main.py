@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -33,6 +34,7 @@ from conveyor.config import WorkerConfig
 from conveyor.errors import ConveyorError
 from conveyor.jobs import JobState, KeyStats, QueueStats, WorkerInfo
 from conveyor.locks.advisory import LockInfo
+from conveyor.maintenance.pruner import PruneReport
 from conveyor.worker.worker import Worker
 
 cli = typer.Typer(
@@ -366,6 +368,45 @@ def cancel(
         console.print(
             f"job {job_id}: {outcomes.get(job_id, 'not cancellable (finished or unknown)')}"
         )
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _duration(text: str) -> timedelta:
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise typer.BadParameter(f"{text!r}: use a number and s, m, h or d (e.g. 7d, 12h)")
+    return timedelta(**{_UNITS[match[2]]: float(match[1])})
+
+
+@cli.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age of finished history to delete: 7d, 12h, 30m.")
+    ],
+    states: Annotated[
+        list[str] | None,
+        typer.Option("--state", help="Only these terminal states (repeatable); default all."),
+    ] = None,
+    database_url: DatabaseUrl = None,
+    schema: Schema = None,
+) -> None:
+    """Delete finished jobs and pipeline runs older than --older-than, in batches."""
+    age = _duration(older_than)
+    app = app_from_options(database_url, schema)
+
+    async def apply() -> PruneReport:
+        try:
+            return await app.prune(
+                older_than=age, states=states or ["succeeded", "failed", "cancelled"]
+            )
+        finally:
+            await app.close()
+
+    report = run(apply)
+    console.print(f"pruned {report.jobs} job(s) and {report.runs} run(s) older than {age}")
 
 
 @cli.command()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -24,6 +24,7 @@ import psycopg
 from conveyor.db.control import control_channel, jobs_channel
 from conveyor.db.database import Database, Row
 from conveyor.locks.advisory import xact_lock
+from conveyor.maintenance.pruner import prune
 from conveyor.service import BackgroundService
 
 log = logging.getLogger("conveyor.rescuer")
@@ -45,6 +46,8 @@ class RescueReport:
     skipped: int = 0
     """Candidates that changed between read and write (completed, renewed)."""
     dead_workers: list[str] = field(default_factory=list)
+    pruned: int = 0
+    """Finished jobs deleted by the retention settings."""
 
 
 class Rescuer(BackgroundService):
@@ -60,6 +63,7 @@ class Rescuer(BackgroundService):
         dead_after: timedelta,
         backoff_base: timedelta = RESCUE_BACKOFF_BASE,
         backoff_max: timedelta = RESCUE_BACKOFF_MAX,
+        retention: Mapping[str, timedelta] | None = None,
     ) -> None:
         super().__init__()
         self._db = db
@@ -67,6 +71,7 @@ class Rescuer(BackgroundService):
         self._dead_after = dead_after
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
+        self._retention = dict(retention or {})
         self._lock_key = f"conveyor.rescuer:{db.schema}"
         self.between_read_and_write: Callable[[], Awaitable[None]] | None = None
         """Test hook: awaited after the read, before the fenced write."""
@@ -101,8 +106,13 @@ class Rescuer(BackgroundService):
                 {"channel": control_channel(self._db.schema)},
                 conn=conn,
             )
+        pruned = 0
+        for state, age in self._retention.items():
+            # After the rescue transaction: pruning runs in batches of its own.
+            pruned += (await prune(self._db, older_than=age, states=[state])).jobs
         report = RescueReport(
             ran=True,
+            pruned=pruned,
             rescued=rescued,
             skipped=len(candidates) - len(rescued),
             dead_workers=[r["id"] for r in dead],

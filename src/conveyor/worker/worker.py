@@ -134,7 +134,10 @@ class Worker:
             listen=self.config.listen,
         )
         self._rescuer = Rescuer(
-            app.db, interval=self.config.rescue_interval, dead_after=self.config.dead_after
+            app.db,
+            interval=self.config.rescue_interval,
+            dead_after=self.config.dead_after,
+            retention=self.config.retention,
         )
         self._watchdog: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
