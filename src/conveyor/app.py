@@ -43,7 +43,6 @@ from conveyor.errors import (
     JobNotFound,
     QueueFull,
     TaskNotFound,
-    WaitTimeout,
 )
 from conveyor.jobs import Job, KeyStats, QueueStats, WorkerInfo
 from conveyor.locks.advisory import AdvisoryLock, LockInfo, is_locked, list_locks, xact_lock
@@ -51,6 +50,7 @@ from conveyor.locks.keys import LockKey
 from conveyor.maintenance.pruner import PruneReport, prune
 from conveyor.migrations.migrator import check_schema, migrate
 from conveyor.pipeline import Pipeline, Step
+from conveyor.polling import poll_until
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
 from conveyor.runs import Runs
 from conveyor.tasks import (
@@ -67,9 +67,6 @@ from conveyor.tasks import (
     check_key,
 )
 from conveyor.windows import ExecutionWindow, as_window
-
-WAIT_POLL_MIN_S = 0.01
-WAIT_POLL_MAX_S = 0.25
 
 
 class App:
@@ -344,19 +341,12 @@ class App:
 
     async def wait(self, job_id: int, timeout: float | timedelta | None = None) -> Job:
         """Wait until job `job_id` is terminal and return it; raises `WaitTimeout`."""
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        loop = asyncio.get_running_loop()
-        deadline = None if seconds is None else loop.time() + seconds
-        pause = WAIT_POLL_MIN_S
-        while True:
-            job = await self.get_job(job_id)
-            if job.is_finished:
-                return job
-            if deadline is not None and loop.time() >= deadline:
-                raise WaitTimeout(f"job {job_id} is still {job.state} after {seconds}s")
-            remaining = None if deadline is None else deadline - loop.time()
-            await asyncio.sleep(pause if remaining is None else max(min(pause, remaining), 0))
-            pause = min(pause * 2, WAIT_POLL_MAX_S)
+        return await poll_until(
+            lambda: self.get_job(job_id),
+            lambda job: job.is_finished,
+            timeout,
+            lambda job: f"job {job_id} is still {job.state}",
+        )
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """`{queue: {state: count}}` over all jobs."""

@@ -140,8 +140,10 @@ class RunContext:
 
     async def counter(self, name: str) -> int:
         """The current value of a run counter (0 if never incremented)."""
-        rows = await self.ctx.app.db.fetch("read run", "run_get", {"id": self.id})
-        return int(rows[0]["counters"].get(name, 0)) if rows else 0
+        rows = await self.ctx.app.db.fetch(
+            "read run counter", "run_counter_get", {"run_id": self.id, "name": name}
+        )
+        return int(rows[0]["value"]) if rows else 0
 
     def _fence(self) -> dict[str, Any]:
         job = self.ctx.job

@@ -22,8 +22,6 @@ pipeline's cleanup job, once, in the transaction that ends them.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,15 +36,12 @@ from conveyor.errors import (
     InvalidArguments,
     RunNotFound,
     RunNotRetryable,
-    WaitTimeout,
 )
+from conveyor.polling import poll_until
 
 if TYPE_CHECKING:
     from conveyor.app import App
     from conveyor.db.database import Row
-
-WAIT_POLL_MIN_S = 0.01
-WAIT_POLL_MAX_S = 0.25
 
 
 class RunState(StrEnum):
@@ -211,9 +206,14 @@ class Runs:
         return await self._with_steps(rows)
 
     async def recent(
-        self, *, pipeline: str | None = None, state: str | None = None, limit: int = 50
+        self,
+        *,
+        pipeline: str | None = None,
+        state: str | None = None,
+        limit: int = 50,
+        with_steps: bool = False,
     ) -> list[Run]:
-        """Recent runs, newest first (without their steps)."""
+        """Recent runs, newest first (with their steps when `with_steps`)."""
         if state is not None and state not in {s.value for s in RunState}:
             raise InvalidArguments(
                 f"unknown run state {state!r}; one of {[s.value for s in RunState]}"
@@ -221,6 +221,8 @@ class Runs:
         rows = await self._app.db.fetch(
             "list runs", "run_list", {"pipeline": pipeline, "state": state, "limit": limit}
         )
+        if with_steps:
+            return await self._with_steps(rows)
         return [Run.from_row(row) for row in rows]
 
     async def counts(self) -> dict[str, dict[str, int]]:
@@ -262,17 +264,12 @@ class Runs:
 
     async def wait(self, run_id: int, timeout: float | timedelta | None = None) -> Run:
         """Wait until the run ended (succeeded, failed or cancelled); raises `WaitTimeout`."""
-        limit = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        deadline = None if limit is None else time.monotonic() + limit
-        delay = WAIT_POLL_MIN_S
-        while True:
-            run = await self.get(run_id)
-            if run.state.is_terminal:
-                return run
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"run {run_id} is still {run.state} after {limit}s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, WAIT_POLL_MAX_S)
+        return await poll_until(
+            lambda: self.get(run_id),
+            lambda run: run.state.is_terminal,
+            timeout,
+            lambda run: f"run {run_id} is still {run.state}",
+        )
 
     async def _with_steps(self, rows: list[Row]) -> list[Run]:
         if not rows:

@@ -36,12 +36,13 @@ def runs_list(
 
     async def fetch() -> list[Run]:
         try:
-            recent = await app.runs.recent(pipeline=pipeline, state=state, limit=limit)
-            return await app.runs.get_many([r.id for r in recent])
+            return await app.runs.recent(
+                pipeline=pipeline, state=state, limit=limit, with_steps=True
+            )
         finally:
             await app.close()
 
-    runs = sorted(run(fetch), key=lambda r: r.id, reverse=True)
+    runs = run(fetch)
     table = Table(title=f"conveyor runs ({app.config.schema})")
     for column in ("id", "pipeline", "state", "key", "steps done", "failed step", "created"):
         table.add_column(column)

@@ -71,6 +71,12 @@ SET data = (r.data || %(patch)s::jsonb) - %(remove)s::text[]
 WHERE r.id = %(run_id)s AND EXISTS (SELECT 1 FROM fence)
 RETURNING r.id;
 
+-- name: run_counter_get
+-- One run counter (0 when never incremented), without reading the run's state.
+SELECT coalesce((counters ->> %(name)s::text)::bigint, 0) AS value
+FROM conveyor.runs
+WHERE id = %(run_id)s;
+
 -- name: run_counter_incr
 -- Add to a run counter, fenced like run_data_merge; returns the new value.
 WITH fence AS (
