@@ -45,14 +45,12 @@ CREATE TRIGGER zz_check_fifo
 
 async def install_fifo_checker(app: App) -> None:
     """Create the violations table and the checking trigger."""
-    pool = await app.db.pool()
-    async with pool.connection() as conn:
+    async with app.db.connection() as conn:
         await conn.execute(INSTALL)
 
 
 async def fifo_violations(app: App) -> list[dict[str, Any]]:
     """Every (job, earlier waiting job) pair recorded so far."""
-    pool = await app.db.pool()
-    async with pool.connection() as conn:
+    async with app.db.connection() as conn:
         cur = await conn.execute("SELECT job_id, earlier_id FROM public.fifo_violations")
         return list(await cur.fetchall())

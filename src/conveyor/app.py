@@ -212,8 +212,7 @@ class App:
         plan = plan_insert(encoded)
         if connection is not None or not plan.needs_transaction:
             return await self._insert(encoded, plan, connection)
-        pool = await self.db.pool()
-        async with pool.connection() as conn, conn.transaction():
+        async with self.db.connection() as conn, conn.transaction():
             return await self._insert(encoded, plan, conn)
 
     def enqueue_sync(

@@ -70,8 +70,7 @@ async def _run_atomic(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    pool = await ctx.app.db.pool()
-    async with pool.connection() as conn, conn.transaction():
+    async with ctx.app.db.connection() as conn, conn.transaction():
         value = await _maybe_await(fn(conn, *args, **kwargs))
         await _record(ctx, name, value, conn=conn)
     return value

@@ -148,8 +148,7 @@ def expected_light(n: int) -> dict[str, int]:
 
 
 async def _sql(ctx: JobContext, statement: str, params: Sequence[Any]) -> list[dict[str, Any]]:
-    pool = await ctx.app.db.pool()
-    async with pool.connection() as conn:
+    async with ctx.app.db.connection() as conn:
         cur = await conn.execute(statement, params)
         return await cur.fetchall() if cur.description else []
 

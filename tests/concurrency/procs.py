@@ -217,8 +217,7 @@ async def query(
     app: App, statement: str, params: Sequence[Any] | None = None
 ) -> list[dict[str, Any]]:
     """Run raw SQL on `app`'s database (autocommit) and return the rows as dicts."""
-    pool = await app.db.pool()
-    async with pool.connection() as conn:
+    async with app.db.connection() as conn:
         cur = await conn.execute(statement.encode(), params)
         return await cur.fetchall() if cur.description else []
 

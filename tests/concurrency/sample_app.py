@@ -96,8 +96,7 @@ def build_app(database_url: str, *, pool_size: int | None = None) -> App:
         await _note_execution(ctx)
 
         async def enough() -> bool:
-            pool = await ctx.app.db.pool()
-            async with pool.connection() as conn:
+            async with ctx.app.db.connection() as conn:
                 cur = await conn.execute("SELECT count(DISTINCT pid) AS n FROM public.executions")
                 row = await cur.fetchone()
             assert row is not None
@@ -173,8 +172,7 @@ _GAUGE_LEAVE = "UPDATE public.gauge SET n = n - 1 WHERE key = %s"
 
 
 async def _gauge(ctx: JobContext, key: str, statement: str) -> None:
-    pool = await ctx.app.db.pool()
-    async with pool.connection() as conn:
+    async with ctx.app.db.connection() as conn:
         await conn.execute(statement, (key,))
 
 
@@ -183,8 +181,7 @@ def _stamp(ctx: JobContext) -> dict[str, Any]:
 
 
 async def _note_execution(ctx: JobContext) -> None:
-    pool = await ctx.app.db.pool()
-    async with pool.connection() as conn:
+    async with ctx.app.db.connection() as conn:
         await conn.execute(
             "INSERT INTO public.executions (job_id, pid, worker_id, attempt)"
             " VALUES (%s, %s, %s, %s)",

@@ -358,9 +358,8 @@ async def test_heartbeats_keep_fifty_leases_alive_through_a_one_connection_pool_
 
     @busy_app.task(name="load.busy")
     async def busy(ctx: JobContext) -> int:
-        pool = await ctx.app.db.pool()
         while not release.is_set():
-            async with pool.connection() as conn, conn.transaction():
+            async with ctx.app.db.connection() as conn, conn.transaction():
                 await conn.execute("SELECT pg_sleep(%s)", [LOAD_HOLD_S])
                 await conn.execute("SELECT state FROM conveyor.jobs WHERE id = %s", [ctx.job.id])
             reads[ctx.job.id] += 1

@@ -78,8 +78,7 @@ async def test_notify_wakes_an_idle_worker_long_before_its_poll(
     second = await quick.enqueue(n=2)
     assert (await sample_app.wait(second.id, timeout=10)).state == "succeeded"
     # Enqueued in a caller's transaction: the wake-up comes with the commit.
-    pool = await sample_app.db.pool()
-    async with pool.connection() as conn:
+    async with sample_app.db.connection() as conn:
         async with conn.transaction():
             third = await quick.configure(connection=conn).enqueue(n=3)
         assert (await sample_app.wait(third.id, timeout=10)).state == "succeeded"

@@ -28,8 +28,7 @@ async def test_claim_uses_claim_index_with_large_backlog(app: App) -> None:
         return None
 
     await app.enqueue_many([noop.job() for _ in range(20_000)])
-    pool = await app.db.pool()
-    async with pool.connection() as conn:
+    async with app.db.connection() as conn:
         # Half the history finished: it must stay out of the claim path.
         await conn.execute(
             "UPDATE conveyor.jobs SET state = 'succeeded', finished_at = now() WHERE id % 2 = 0"

@@ -515,8 +515,7 @@ async def _phase_enqueue(app: App, step: Task) -> list[int]:
     other = step.configure(queue="other", max_attempts=3)
     await app.enqueue_many(other.job(k="a", n=n) for n in range(3))
     # Enqueued in a transaction that rolls back: neither the job nor its key counts.
-    pool = await app.db.pool()
-    async with pool.connection() as conn:
+    async with app.db.connection() as conn:
         with contextlib.suppress(_Rollback):
             async with conn.transaction():
                 await step.configure(connection=conn).enqueue(k="z", n=0)
@@ -803,8 +802,7 @@ async def test_claim_walks_both_claim_indexes_with_a_large_keyed_backlog(app: Ap
 
     await app.enqueue_many(keyed.job(n=i % 100) for i in range(20_000))
     await app.enqueue_many(JobSpec(task="plain") for _ in range(20_000))
-    pool = await app.db.pool()
-    async with pool.connection() as conn:
+    async with app.db.connection() as conn:
         # Half the history finished: it must stay out of the claim path.
         await conn.execute(
             "UPDATE conveyor.jobs SET state = 'succeeded', finished_at = now() WHERE id % 2 = 0"

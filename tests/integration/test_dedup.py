@@ -22,8 +22,7 @@ def _echo(app: App, name: str = "echo") -> Task:
 
 
 async def _live(app: App, key: str) -> list[Any]:
-    pool = await app.db.pool()
-    async with pool.connection() as conn:
+    async with app.db.connection() as conn:
         cur = await conn.execute(
             "SELECT id, args, state::text AS state FROM conveyor.jobs"
             " WHERE dedup_key = %s AND state IN ('scheduled', 'available', 'running')",

@@ -10,8 +10,7 @@ from conveyor.testing import advance_time, drain, freeze_time
 
 
 async def _recount(app: App) -> dict[str, dict[str, int]]:
-    pool = await app.db.pool()
-    async with pool.connection() as conn:
+    async with app.db.connection() as conn:
         cur = await conn.execute(
             "SELECT queue,"
             " count(*) FILTER (WHERE state IN ('scheduled', 'available')) AS waiting,"
@@ -89,8 +88,7 @@ async def test_queue_stats_equal_a_recount_through_every_phase(app: App) -> None
     assert len(report.rescued) == 1
     assert await _stats(app) == await _recount(app)
 
-    pool = await app.db.pool()
-    async with pool.connection() as conn:
+    async with app.db.connection() as conn:
         await conn.execute("DELETE FROM conveyor.jobs WHERE state = 'succeeded'")
     after_delete = await _stats(app)
     recount = await _recount(app)

@@ -329,8 +329,7 @@ async def _fill(url: str, count: int, *, finished: bool) -> None:
 
 
 async def _claim_uses_index(app: App) -> bool:
-    pool = await app.db.pool()
-    async with pool.connection() as conn:
+    async with app.db.connection() as conn:
         cur = await conn.execute(
             sql.SQL("EXPLAIN (FORMAT JSON) ") + app.db.queries["job_claim_many"],
             {"queues": ["default"], "limit": 10, "worker_id": "w", "lease_s": 30.0},

@@ -14,7 +14,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import psycopg
@@ -24,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from conveyor.config import Config
 from conveyor.db.connect import connection_kwargs, resolve_database_url
 from conveyor.db.queries import Queries
+from conveyor.db.shielding import borrowed, run_to_end
 from conveyor.db.sqlstate import is_transient, surely_not_applied, to_database_error
 
 log = logging.getLogger("conveyor.db")
@@ -131,6 +133,7 @@ class Database:
 
         async def attempt() -> list[Row]:
             pool = await self.pool()
+            # Safe from the caller's cancellation: this runs in its own task.
             async with pool.connection() as own:
                 try:
                     cur = await own.execute(statement, params)
@@ -140,7 +143,21 @@ class Database:
                         raise OutcomeUnknown(exc) from exc
                     raise
 
-        return await self.retrying(purpose, attempt)
+        # A cancelled caller (a job being cancelled, say) stops waiting at once;
+        # the statement itself runs to its end and its connection goes back to
+        # the pool (see conveyor.db.shielding).
+        return await self.retrying(purpose, lambda: run_to_end(attempt()))
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Row]]:
+        """A pooled connection (autocommit, dict rows) for the length of the block.
+
+        Use this rather than the pool's own `connection()` in code that may be
+        cancelled, such as a task: the connection returns to the pool however the
+        block ends. Open `conn.transaction()` inside it for a transaction.
+        """
+        async with borrowed(await self.pool()) as conn:
+            yield conn
 
     async def retrying(self, purpose: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run `operation`, retrying transient failures with backoff."""

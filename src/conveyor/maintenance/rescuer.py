@@ -78,8 +78,7 @@ class Rescuer(BackgroundService):
 
     async def run_once(self) -> RescueReport:
         """One rescue pass; returns what it did."""
-        pool = await self._db.pool()
-        async with pool.connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             if not await xact_lock(self._db, conn, self._lock_key, timeout=0):
                 return RescueReport(ran=False)
             dead = await self._db.fetch(
