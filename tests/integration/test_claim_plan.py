@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from psycopg import sql
 
 from conveyor import App, JobContext
+from conveyor.config import Config
+from tests.conftest import SCHEMA
 
 
 def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
@@ -22,7 +25,9 @@ def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-async def test_claim_uses_claim_index_with_large_backlog(app: App) -> None:
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_claim_uses_claim_index_with_large_backlog(app: App, plan_cache_mode: str) -> None:
+    # Both plans: a claim is planned once per connection (generic) in steady state.
     @app.task(name="noop")
     async def noop(ctx: JobContext) -> None:
         return None
@@ -34,9 +39,12 @@ async def test_claim_uses_claim_index_with_large_backlog(app: App) -> None:
             "UPDATE conveyor.jobs SET state = 'succeeded', finished_at = now() WHERE id % 2 = 0"
         )
         await conn.execute("ANALYZE conveyor.jobs")
+        await conn.execute(
+            sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plan_cache_mode))
+        )
         # Plain EXPLAIN plans without executing: nothing is claimed.
         cur = await conn.execute(
-            sql.SQL("EXPLAIN (FORMAT JSON) ") + app.db.queries["job_claim_many"],
+            b"EXPLAIN (FORMAT JSON) " + app.db.queries["job_claim_many"],
             {"queues": ["default"], "limit": 10, "worker_id": "w", "lease_s": 30.0},
         )
         row = await cur.fetchone()
@@ -51,3 +59,29 @@ async def test_claim_uses_claim_index_with_large_backlog(app: App) -> None:
     lock_rows = [n for n in nodes if n["Node Type"] == "LockRows"]
     assert lock_rows, scans
     assert [c["Node Type"] for c in lock_rows[0]["Plans"]] == ["Index Scan"], scans
+
+
+async def test_a_worker_connection_plans_the_claim_once_then_reuses_the_generic_plan(
+    database_url: str,
+) -> None:
+    # A custom plan per claim cost more than the claim itself (0.7 ms of planning
+    # for the statement's CTEs); its estimates are kept parameter-blind so that
+    # PostgreSQL settles on the generic plan after its five custom trials.
+    app = App(config=Config(database_url=database_url, schema=SCHEMA, pool_size=1))
+    try:
+        for _ in range(20):  # psycopg prepares at the 5th; PostgreSQL tries 5 custom plans
+            await app.db.fetch(
+                "claim",
+                "job_claim_many",
+                {"queues": ["default", "other"], "limit": 10, "worker_id": "w", "lease_s": 30.0},
+                idempotent=False,
+            )
+        async with app.db.connection() as conn:  # the pool's one connection: the same session
+            cur = await conn.execute(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+            )
+            rows = await cur.fetchall()
+    finally:
+        await app.close()
+    (claim,) = [r for r in rows if r["statement"].startswith("WITH unkeyed AS")]
+    assert (claim["custom_plans"], claim["generic_plans"]) == (5, 10), claim

@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from psycopg import sql
 
 from conveyor import (
     App,
@@ -810,7 +809,7 @@ async def test_claim_walks_both_claim_indexes_with_a_large_keyed_backlog(app: Ap
         await conn.execute("ANALYZE conveyor.jobs")
         await conn.execute("ANALYZE conveyor.concurrency_keys")
         cur = await conn.execute(
-            sql.SQL("EXPLAIN (FORMAT JSON) ") + app.db.queries["job_claim_many"],
+            b"EXPLAIN (FORMAT JSON) " + app.db.queries["job_claim_many"],
             {"queues": ["default"], "limit": 10, "worker_id": "w", "lease_s": 30.0},
         )
         row = await cur.fetchone()

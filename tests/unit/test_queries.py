@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from psycopg import sql
 
-from conveyor.db.queries import Queries, parse_queries, schema_qualify
+from conveyor.db.queries import Queries, parse_queries, schema_qualify, strip_comments
 
 TWO_QUERIES = """\
 -- A file comment that belongs to no query.
@@ -84,8 +83,11 @@ def test_every_named_query_loads_for_the_default_schema() -> None:
     assert expected <= set(names)
     for name in names:
         statement = queries[name]
-        assert isinstance(statement, sql.SQL)
-        assert statement.as_string().strip(), name
+        assert isinstance(statement, bytes)
+        assert statement.strip(), name
+        # Under psycopg's cache limit for query conversion (MAX_CACHED_STATEMENT_LENGTH).
+        assert len(statement) <= 4096, name
+        assert b"--" not in statement, name
 
 
 def test_every_named_query_is_qualified_with_another_schema() -> None:
@@ -93,13 +95,28 @@ def test_every_named_query_is_qualified_with_another_schema() -> None:
     originals = Queries("conveyor")
     qualified = re.compile(r"\bconveyor\.[a-z_]")
     for name in queries.names():
-        text = queries[name].as_string()
+        text = queries[name].decode()
         # Schema-qualified names are lower case; 'conveyor.LeaseExpired' is an error type.
         assert not qualified.search(text), name
-        if qualified.search(originals[name].as_string()):
+        if qualified.search(originals[name].decode()):
             assert '"other".' in text, name
 
 
 def test_unknown_query_name_raises_key_error() -> None:
     with pytest.raises(KeyError):
         Queries("conveyor")["no_such_query"]
+
+
+def test_strip_comments_drops_comments_and_blank_lines_but_keeps_quoted_text() -> None:
+    text = """\
+-- leading comment
+SELECT '-- not a comment', 'it''s -- still text' -- trailing comment
+
+    , "odd--name" AS x, $q$ -- dollar quoted $q$, $$--$$
+FROM t; -- end
+"""
+    assert strip_comments(text) == (
+        "SELECT '-- not a comment', 'it''s -- still text'\n"
+        '    , "odd--name" AS x, $q$ -- dollar quoted $q$, $$--$$\n'
+        "FROM t;"
+    )

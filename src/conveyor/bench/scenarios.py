@@ -24,7 +24,6 @@ from importlib import resources
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import dict_row
 
 from conveyor.app import App
@@ -331,7 +330,7 @@ async def _fill(url: str, count: int, *, finished: bool) -> None:
 async def _claim_uses_index(app: App) -> bool:
     async with app.db.connection() as conn:
         cur = await conn.execute(
-            sql.SQL("EXPLAIN (FORMAT JSON) ") + app.db.queries["job_claim_many"],
+            b"EXPLAIN (FORMAT JSON) " + app.db.queries["job_claim_many"],
             {"queues": ["default"], "limit": 10, "worker_id": "w", "lease_s": 30.0},
         )
         row = await cur.fetchone()

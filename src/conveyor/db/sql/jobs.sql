@@ -87,7 +87,7 @@ WITH unkeyed AS (
     -- (queue = ANY(...) would force a sort of every due job); SKIP LOCKED lets
     -- concurrent claimers take disjoint rows without waiting.
     SELECT picked.*
-    FROM unnest(%(queues)s::text[]) AS q(name)
+    FROM unnest((SELECT %(queues)s::text[])) AS q(name)
     CROSS JOIN LATERAL (
         SELECT id, priority, run_at
         FROM conveyor.jobs
@@ -97,7 +97,7 @@ WITH unkeyed AS (
           AND run_at <= conveyor.now()
           AND conveyor.in_window(conveyor.now(), window_start, window_end, window_tz)
         ORDER BY priority DESC, run_at, id
-        LIMIT %(limit)s
+        LIMIT (SELECT %(limit)s::integer)
         FOR UPDATE SKIP LOCKED
     ) AS picked
 ),
@@ -111,7 +111,7 @@ free_keys AS (
                  conveyor.rate_room(rate_limit, rate_period_s, rate_window_start,
                                     rate_window_count)) AS free
     FROM conveyor.concurrency_keys
-    WHERE queue = ANY(%(queues)s::text[])
+    WHERE queue = ANY((SELECT %(queues)s::text[])::text[])
       AND waiting > 0
       AND running < concurrency_limit
       AND conveyor.rate_room(rate_limit, rate_period_s, rate_window_start,
@@ -127,7 +127,7 @@ free_keys AS (
             AND conveyor.in_window(conveyor.now(), j.window_start, j.window_end, j.window_tz)
       )
     ORDER BY updated_at
-    LIMIT %(limit)s
+    LIMIT (SELECT %(limit)s::integer)
     FOR UPDATE SKIP LOCKED
 ),
 keyed AS (
@@ -167,7 +167,7 @@ candidates AS (
 chosen AS (
     SELECT id FROM candidates
     ORDER BY sort_priority DESC, sort_run_at, sort_id, rank
-    LIMIT %(limit)s
+    LIMIT (SELECT %(limit)s::integer)
 )
 UPDATE conveyor.jobs AS j
 SET state = 'running',
@@ -176,8 +176,9 @@ SET state = 'running',
     lease_token = nextval('conveyor.lease_token_seq'),
     lease_expires_at = conveyor.now() + make_interval(secs => %(lease_s)s),
     worker_id = %(worker_id)s
-FROM chosen
-WHERE j.id = chosen.id
+-- An id array, not a join: the plan stays a primary-key lookup even when it is
+-- generic (planned once, not at every claim), where a join would hash the table.
+WHERE j.id = ANY(ARRAY(SELECT id FROM chosen))
   AND j.state IN ('scheduled', 'available')
 -- A pipeline step's run context comes with it (one round trip per claim, not per step).
 RETURNING j.*, CASE WHEN j.run_id IS NOT NULL THEN conveyor.run_job_context(j.id) END
