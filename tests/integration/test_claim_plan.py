@@ -85,3 +85,48 @@ async def test_a_worker_connection_plans_the_claim_once_then_reuses_the_generic_
         await app.close()
     (claim,) = [r for r in rows if r["statement"].startswith("WITH unkeyed AS")]
     assert (claim["custom_plans"], claim["generic_plans"]) == (5, 10), claim
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_an_outcome_batch_probes_the_primary_key_per_outcome(
+    app: App, plan_cache_mode: str
+) -> None:
+    # Statistics taken while nothing ran make "running" look empty: the outcome
+    # write once hashed every running job (or walked them all in jobs_lease_idx)
+    # per batch. It must find each job by id, however many run.
+    @app.task(name="noop")
+    async def noop(ctx: JobContext) -> None:
+        return None
+
+    await app.enqueue_many([noop.job() for _ in range(5_000)])
+    async with app.db.connection() as conn:
+        await conn.execute("ANALYZE conveyor.jobs")
+        await conn.execute(
+            "UPDATE conveyor.jobs SET state = 'running', lease_token = id, "
+            "lease_expires_at = now() + interval '1 minute' WHERE id % 2 = 0"
+        )
+        await conn.execute(
+            sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plan_cache_mode))
+        )
+        cur = await conn.execute(
+            b"EXPLAIN (FORMAT JSON) " + app.db.queries["job_finish_many"],
+            {
+                "id": [2, 4, 6],
+                "token": [2, 4, 6],
+                "state": ["succeeded"] * 3,
+                "result": ["null"] * 3,
+                "error": [None] * 3,
+                "retry_in_s": [0.0] * 3,
+                "refund": [False] * 3,
+                "channel": "conveyor.jobs",
+            },
+        )
+        row = await cur.fetchone()
+        assert row is not None
+    plan = row["QUERY PLAN"]
+    nodes = _plan_nodes((json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"])
+    reads = [
+        n for n in nodes if n.get("Relation Name") == "jobs" and n["Node Type"] != "ModifyTable"
+    ]
+    scans = [(n["Node Type"], n.get("Index Name")) for n in reads]
+    assert scans == [("Index Scan", "jobs_pkey")], scans

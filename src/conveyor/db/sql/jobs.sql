@@ -231,9 +231,12 @@ updated AS (
         lease_token = NULL,
         lease_expires_at = NULL
     FROM resolved AS r
+    -- A primary-key probe per outcome, whatever the statistics say: the state
+    -- test is on text so that no partial index of running jobs (which the
+    -- planner may believe tiny, and would then scan whole) can serve it.
     WHERE j.id = r.id
       AND j.lease_token = r.token
-      AND j.state = 'running'
+      AND j.state::text = 'running'
     RETURNING j.id, j.queue, j.state, j.concurrency_key
 ),
 woken AS (
