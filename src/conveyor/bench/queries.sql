@@ -1,10 +1,15 @@
 -- Queries the benchmarks read their numbers with (conveyor.bench.scenarios).
 
 -- name: bench_span
--- Finished jobs, and the seconds from the first start to the last finish.
+-- Finished jobs, and the seconds from the first start to the last finish; with
+-- `since`, only jobs started since then (not a backlog's pre-made history).
 SELECT count(*) AS n, extract(epoch FROM max(finished_at) - min(started_at)) AS s
 FROM conveyor.jobs
-WHERE state = 'succeeded';
+WHERE state = 'succeeded'
+  AND (%(since)s::timestamptz IS NULL OR started_at >= %(since)s::timestamptz);
+
+-- name: bench_now
+SELECT clock_timestamp() AS now;
 
 -- name: bench_start_delays
 -- Enqueue -> start of every job, in milliseconds, on the database clock.
@@ -27,7 +32,8 @@ WHERE early;
 INSERT INTO conveyor.jobs (queue, task, state, max_attempts, run_at, created_at, started_at,
                            finished_at, attempt)
 SELECT 'default', %(task)s, %(state)s::conveyor.job_state, 5, now(), now(),
-       CASE WHEN %(done)s THEN now() END, CASE WHEN %(done)s THEN now() END,
+       CASE WHEN %(done)s THEN now() - interval '1 day' END,
+       CASE WHEN %(done)s THEN now() - interval '1 day' END,
        CASE WHEN %(done)s THEN 1 ELSE 0 END
 FROM generate_series(1, %(n)s);
 
