@@ -65,6 +65,11 @@ class BatchBuffer(Generic[T]):
         if urgent or len(self._items) >= self._size:
             self._full.set()
 
+    def hurry(self) -> None:
+        """Write what is buffered now rather than at the interval."""
+        if self._items:
+            self._full.set()
+
     def start(self) -> None:
         """Start the background flusher."""
         if self._task is None:

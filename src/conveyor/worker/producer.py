@@ -1,9 +1,10 @@
 """The producer: claims jobs when slots are free, woken by NOTIFY or a poll timer.
 
 It claims at most as many jobs as there are free slots, in one statement, so
-a worker never holds a job it cannot start. A claim that returns no job means
-the queue is drained for now: the producer then sleeps until a notification,
-a catch-up request or the poll interval.
+a worker never holds a job it cannot start. A claim that returns fewer jobs
+than it asked for means the queue (or its keys) is drained for now: the
+producer then sleeps until a notification, its own outcomes are written, a
+catch-up request or the poll interval.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Producer(BackgroundService):
         free_slots: Callable[[], int],
         start_job: Callable[[Job, float], None],
         held_ids: Callable[[], list[int]],
+        on_starved: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self._db = db
@@ -45,6 +47,10 @@ class Producer(BackgroundService):
         self._free_slots = free_slots
         self._start_job = start_job
         self._held_ids = held_ids
+        self._on_starved = on_starved
+        self.starved = False
+        """True while the last claim came back short: free slots wait for work,
+        which may be only a key at its limit until this worker's outcomes land."""
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = False
@@ -96,9 +102,19 @@ class Producer(BackgroundService):
             failures = 0
             for job in jobs:
                 self._start_job(job, claimed_at)
-            # A short claim may only mean other claimers held rows locked (SKIP
-            # LOCKED); only an empty one says the queue is drained for now.
-            queue_may_have_jobs = bool(jobs)
+            # A short claim found less claimable work than it asked for: the queue
+            # is drained, or its keys are at their limits, for now. Claiming again
+            # at once would come back empty (for a busy key, every time a job of
+            # it ends); the next claim waits for a wake-up instead: a NOTIFY, this
+            # worker's own outcomes written (which may free room in a key), or the
+            # poll. Rows skipped because other claimers held them locked (SKIP
+            # LOCKED) are all but gone by then: a claim walks past locked rows,
+            # so it only comes back short near the end of the backlog.
+            queue_may_have_jobs = len(jobs) == free
+            if self.starved != (not queue_may_have_jobs):
+                self.starved = not queue_may_have_jobs
+                if self.starved and self._on_starved is not None:
+                    self._on_starved()
 
     async def _release_unheld(self) -> None:
         """A failed claim may still have committed: hand back what we do not hold."""

@@ -122,7 +122,13 @@ class Worker:
             on_written=self._after_write,
         )
         self._producer = Producer(
-            app.db, self.config, self.id, self.free_slots, self._start_job, self._held_ids
+            app.db,
+            self.config,
+            self.id,
+            self.free_slots,
+            self._start_job,
+            self._held_ids,
+            on_starved=self._completer.hurry,
         )
         self._heartbeat = Heartbeat(app.db, self.config, self.id, self._held, self._report)
         self._control = ControlSession(
@@ -433,9 +439,13 @@ class Worker:
             self.stats.lease_lost += 1
         else:
             self._count(outcome)
-            # A keyed job's slot in its key frees only when its outcome commits:
-            # waiting the flush interval would throttle every key to limit/interval.
-            self._completer.add(outcome, urgent=entry.job.concurrency_key is not None)
+            # A keyed job's slot in its key frees only when its outcome commits.
+            # While claims come back short that room may be all the work there is,
+            # and waiting the flush interval would throttle the key to
+            # limit/interval: write at once. While claims come back full, batch.
+            self._completer.add(
+                outcome, urgent=entry.job.concurrency_key is not None and self._producer.starved
+            )
         self._producer.slot_freed()
         if not self._running and len(self._completer) == 0:
             self._idle.set()
