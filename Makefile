@@ -28,9 +28,12 @@ test: lint typecheck
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-# The peers (procrastinate, pgqueuer) are installed for the side-by-side runs only.
-$(VENV)/.peers: $(STAMP)
+# The peers are installed for the side-by-side runs only: procrastinate and
+# pgqueuer from PyPI; pg-boss and graphile-worker from npm when node and npm
+# are present (otherwise the harness leaves them out and says so).
+$(VENV)/.peers: $(STAMP) benchmarks/peers/node/package-lock.json
 	$(BIN)/pip install --quiet -e '.[dev,peers]'
+	if command -v npm >/dev/null; then cd benchmarks/peers/node && npm ci --no-audit --no-fund --silent; fi
 	touch $(VENV)/.peers
 
 bench: $(VENV)/.peers

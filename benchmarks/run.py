@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.peers import PEERS
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -32,7 +33,6 @@ from conveyor.bench import scenarios
 from conveyor.bench.environment import fresh_database, machine, server_url
 from conveyor.bench.runner import plot, run_scenario, scenario_names
 
-PEERS = ("procrastinate", "pgqueuer")
 COMPARED: list[tuple[str, dict[str, Any]]] = [
     ("throughput", {"jobs": 10_000, "concurrency": 10}),
     ("throughput", {"jobs": 10_000, "concurrency": 50}),
@@ -85,9 +85,13 @@ async def _compare(quick: bool, repeats: int, progress: Progress) -> dict[str, A
             repeats, lambda fn=conveyor_fn, b=bench, p=params: fn(b, **p)
         )
         for name, module in peers.items():
+            row[f"{name}_version"] = module.VERSION
+            if (reason := getattr(module, "SKIP", {}).get(scenario)) is not None:
+                row[name] = {}
+                row[f"{name}_skipped"] = reason
+                continue
             measure = functools.partial(_measure_peer, module, server, scenario, params)
             row[name] = await _median_of(repeats, measure)
-            row[f"{name}_version"] = module.VERSION
         table.append(row)
     return {"repeats": repeats, "peers": list(peers), "rows": table}
 
@@ -139,12 +143,24 @@ def _summary(reports: list[dict[str, Any]], comparison: dict[str, Any]) -> str:
         if best and ours:
             ratio = f"{(best / ours if lower_is_better else ours / best):.2f}x"
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
-        cells = [f"{row[p].get(measure, 0):,.1f}" for p in peers]
+        cells = [f"{row[p][measure]:,.1f}" if measure in row[p] else "-" for p in peers]
         lines.append(
             f"| {row['scenario']} ({params}) | {measure} | {ours:,.1f} | "
             + " | ".join(cells)
             + f" | {ratio} |"
         )
+    notes = {
+        f"- {p} does not run {row['scenario']}: {row[f'{p}_skipped']}."
+        for row in comparison["rows"]
+        for p in peers
+        if f"{p}_skipped" in row
+    }
+    versions = {p: row[f"{p}_version"] for row in comparison["rows"] for p in peers}
+    lines += [
+        "",
+        "Peers: " + ", ".join(f"{p} {v}" for p, v in versions.items()) + ".",
+        *sorted(notes),
+    ]
     lines += ["", *_targets(reports, comparison)]
     return "\n".join(lines) + "\n"
 
@@ -174,7 +190,10 @@ def _targets(reports: list[dict[str, Any]], comparison: dict[str, Any]) -> list[
         if row["scenario"] != "throughput":
             continue
         ours = row["conveyor"]["span_jobs_per_s"]
-        best = max((row[p]["span_jobs_per_s"] for p in comparison["peers"]), default=None)
+        best = max(
+            (row[p]["span_jobs_per_s"] for p in comparison["peers"] if row[p]),
+            default=None,
+        )
         if best:
             label = f"throughput >= 2x fastest peer ({row['params']})"
             checks.append((label, round(ours / best, 2), 2, ">="))

@@ -125,18 +125,41 @@ async def _call(
     else:
         thread = threads.submit(functools.partial(task.func, ctx, **job.args))
         inner = asyncio.wrap_future(thread)
-    timeout = None if job.timeout_ms is None else job.timeout_ms / 1000
     try:
-        done, _ = await asyncio.wait({inner}, timeout=timeout)
+        await _ended_or_timed_out(inner, None if job.timeout_ms is None else job.timeout_ms / 1000)
     except asyncio.CancelledError:
         # The worker cancelled us (shutdown, cancel, lease lost): pass it on.
         await _abandon(inner, thread, hard_limit, on_leak)
         raise
-    if not done:
+    if not inner.done():
         ctx.request_stop("timeout")
         await _abandon(inner, thread, hard_limit, on_leak)
         raise AttemptTimeout(_timeout_message(job))
     return inner.result()
+
+
+async def _ended_or_timed_out(inner: asyncio.Future[Any], timeout: float | None) -> None:
+    """Return when `inner` ends or `timeout` passes, whichever is first.
+
+    What `asyncio.wait({inner}, timeout=...)` does, for a third of its cost: it
+    runs once per job, and its set, waiter and callback bookkeeping showed up
+    in profiles of short jobs.
+    """
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    inner.add_done_callback(wake)
+    timer = None if timeout is None else loop.call_later(timeout, wake)
+    try:
+        await woken
+    finally:
+        inner.remove_done_callback(wake)
+        if timer is not None:
+            timer.cancel()
 
 
 async def _abandon(
