@@ -106,13 +106,15 @@ class Job:
         """Build a Job from a `SELECT * FROM jobs` row as a dict."""
         known = {k: v for k, v in row.items() if k in _FIELDS}
         known["state"] = _STATES[known["state"]]
-        if len(known) == len(_FIELDS):
-            # A claimed batch builds one per job: with every field at hand, skip
-            # the frozen __init__'s per-field object.__setattr__ (4x faster).
-            job = object.__new__(cls)
-            job.__dict__.update(known)
-            return job
-        return cls(**known)
+        if len(known) < len(_FIELDS):
+            if not _PLAIN_DEFAULTS.keys() >= _FIELDS - known.keys():
+                return cls(**known)
+            known = {**_PLAIN_DEFAULTS, **known}
+        # Claims and bulk enqueues build one per job: with every field at hand,
+        # skip the frozen __init__'s per-field object.__setattr__ (4x faster).
+        job = object.__new__(cls)
+        job.__dict__.update(known)
+        return job
 
     @property
     def is_finished(self) -> bool:
@@ -121,6 +123,10 @@ class Job:
 
 
 _FIELDS = frozenset(Job.__dataclass_fields__)
+_PLAIN_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(Job) if f.default is not dataclasses.MISSING
+}
+"""Fields whose default is a plain value (not a factory), which a row may leave out."""
 _STATES: dict[str | JobState, JobState] = {state.value: state for state in JobState}
 _STATES.update({state: state for state in JobState})
 
