@@ -33,6 +33,7 @@ from conveyor.enqueue_plan import (
     DedupKey,
     InsertPlan,
     assemble,
+    deduplicated_ids,
     missing_dedup_keys,
     plan_insert,
 )
@@ -273,15 +274,19 @@ class App:
                     conn=conn,
                     idempotent=False,
                 )
-        existing: list[Row] = []
+        whole: list[Row] = []
+        if deduplicated := deduplicated_ids(rows):
+            whole += await self.db.fetch(
+                "read deduplicated jobs", "job_get_many", {"ids": deduplicated}, conn=conn
+            )
         if missing := missing_dedup_keys(plan, rows):
-            existing = await self.db.fetch(
+            whole += await self.db.fetch(
                 "find deduplicated jobs",
                 "job_get_by_dedup_keys",
                 _dedup_params(missing, None),
                 conn=conn,
             )
-        return assemble(jobs, rows, existing)
+        return assemble(jobs, rows, whole)
 
     def _insert_sync(
         self,
@@ -307,15 +312,19 @@ class App:
                     conn=conn,
                     idempotent=False,
                 )
-        existing: list[Row] = []
+        whole: list[Row] = []
+        if deduplicated := deduplicated_ids(rows):
+            whole += self.db.fetch_sync(
+                "read deduplicated jobs", "job_get_many", {"ids": deduplicated}, conn=conn
+            )
         if missing := missing_dedup_keys(plan, rows):
-            existing = self.db.fetch_sync(
+            whole += self.db.fetch_sync(
                 "find deduplicated jobs",
                 "job_get_by_dedup_keys",
                 _dedup_params(missing, None),
                 conn=conn,
             )
-        return assemble(jobs, rows, existing)
+        return assemble(jobs, rows, whole)
 
     # -- read --------------------------------------------------------------
 

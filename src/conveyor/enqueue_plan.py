@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from conveyor.jobs import Job
+from conveyor.jobs import Job, job_state
 from conveyor.tasks import EncodedJob
 
 INSERT_CHUNK = 5_000
@@ -68,24 +68,64 @@ def missing_dedup_keys(plan: InsertPlan, rows: Sequence[dict[str, Any]]) -> list
     return [k for k in plan.dedup_keys if k not in returned]
 
 
+def deduplicated_ids(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Inserted rows with a dedup key: they may be an older job's (superseded), read whole."""
+    return [r["id"] for r in rows if r["dedup_key"] is not None]
+
+
 def assemble(
     jobs: Sequence[EncodedJob],
     inserted: Sequence[dict[str, Any]],
-    existing: Sequence[dict[str, Any]],
+    whole: Sequence[dict[str, Any]],
 ) -> list[Job]:
-    """One job per input position: new ones by id order, deduplicated ones by key."""
+    """One job per input position: new ones by id order, deduplicated ones by key.
+
+    `inserted` are the insert's own short rows; `whole` are full rows of every
+    job that stands for a dedup key (superseded or pre-existing).
+    """
     by_key: dict[DedupKey, Job] = {}
-    for row in existing:
+    for row in whole:
         by_key[(row["task"], row["dedup_key"])] = Job.from_row(row)
-    plain: list[Job] = []
-    for row in inserted:
-        job = Job.from_row(row)
-        if job.dedup_key is not None:
-            by_key[(job.task, job.dedup_key)] = job
-        else:
-            plain.append(job)
-    plain.sort(key=lambda j: j.id)
-    plain_jobs: Iterator[Job] = iter(plain)
+    plain = sorted((row for row in inserted if row["dedup_key"] is None), key=lambda r: r["id"])
+    new_rows: Iterator[dict[str, Any]] = iter(plain)
     return [
-        by_key[(j.task, j.dedup_key)] if j.dedup_key is not None else next(plain_jobs) for j in jobs
+        by_key[(j.task, j.dedup_key)] if j.dedup_key is not None else _new_job(j, next(new_rows))
+        for j in jobs
     ]
+
+
+def _new_job(job: EncodedJob, row: dict[str, Any]) -> Job:
+    """The snapshot of a job just inserted: the database's decisions, the caller's options."""
+    return Job.from_fields(
+        {
+            **NEW_JOB_DEFAULTS,
+            "id": row["id"],
+            "queue": job.queue,
+            "task": job.task,
+            "args": row["args"],
+            "state": job_state(row["state"]),
+            "priority": job.priority,
+            "max_attempts": job.max_attempts,
+            "run_at": row["run_at"],
+            "created_at": row["created_at"],
+            "timeout_ms": job.timeout_ms,
+            "errors": [],
+            "meta": row["meta"],
+            "concurrency_key": job.concurrency_key,
+            "window_start": job.window_start,
+            "window_end": job.window_end,
+            "window_tz": job.window_tz,
+        }
+    )
+
+
+NEW_JOB_DEFAULTS: dict[str, Any] = {
+    "attempt": 0,
+    **dict.fromkeys(
+        (
+            "started_at", "finished_at", "lease_token", "lease_expires_at", "worker_id",
+            "result", "cancel_requested_at", "dedup_key", "run_id", "run_context",
+        )
+    ),
+}  # fmt: skip
+"""A new row's columns the insert leaves at their defaults."""

@@ -105,15 +105,22 @@ class Job:
     def from_row(cls, row: dict[str, Any]) -> Job:
         """Build a Job from a `SELECT * FROM jobs` row as a dict."""
         known = {k: v for k, v in row.items() if k in _FIELDS}
-        known["state"] = _STATES[known["state"]]
+        known["state"] = job_state(known["state"])
         if len(known) < len(_FIELDS):
             if not _PLAIN_DEFAULTS.keys() >= _FIELDS - known.keys():
                 return cls(**known)
             known = {**_PLAIN_DEFAULTS, **known}
-        # Claims and bulk enqueues build one per job: with every field at hand,
-        # skip the frozen __init__'s per-field object.__setattr__ (4x faster).
+        return cls.from_fields(known)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Job:
+        """Build from a dict holding every field, `state` already a JobState.
+
+        Claims and bulk enqueues build one per job: this skips the frozen
+        `__init__`'s per-field `object.__setattr__` (4x faster).
+        """
         job = object.__new__(cls)
-        job.__dict__.update(known)
+        job.__dict__.update(fields)
         return job
 
     @property
@@ -127,6 +134,13 @@ _PLAIN_DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(Job) if f.default is not dataclasses.MISSING
 }
 """Fields whose default is a plain value (not a factory), which a row may leave out."""
+
+
+def job_state(value: str | JobState) -> JobState:
+    """The JobState of a state column's value."""
+    return _STATES[value]
+
+
 _STATES: dict[str | JobState, JobState] = {state.value: state for state in JobState}
 _STATES.update({state: state for state in JobState})
 

@@ -16,6 +16,7 @@ from conveyor import (
     JobSpec,
     JobState,
     PayloadTooLarge,
+    RateLimit,
     Task,
     TaskNotFound,
 )
@@ -298,3 +299,40 @@ async def test_options_beyond_the_column_range_are_invalid_job_options(
     with pytest.raises(InvalidJobOptions):
         await app.enqueue("echo", {"i": 1}, **options)
     assert await count_jobs() == 0
+
+
+async def test_enqueued_snapshots_equal_the_stored_rows_for_every_kind_of_option(
+    app: App,
+) -> None:
+    # enqueue_many builds a new job's snapshot from what it sent plus what the
+    # insert returned (id, state, times, the stored args and meta); it must be
+    # exactly the row a read returns, whatever the options.
+    echo = register_echo(app)
+    await freeze_time(app, FROZEN)
+    specs = [
+        echo.job(i=1),
+        echo.configure(priority=-7, max_attempts=9, timeout=timedelta(seconds=3)).job(i=2),
+        echo.configure(delay=timedelta(minutes=5), meta={"trace": "t-1"}).job(i=3),
+        echo.configure(run_at=FROZEN - timedelta(hours=1)).job(i=4),
+        echo.configure(concurrency_key="k", concurrency_limit=2).job(i=5),
+        echo.configure(window="09:00-17:00 Europe/Paris").job(i=6),
+        echo.configure(dedup_key="d").job(i=7),
+        echo.configure(dedup_key="d").job(i=8),  # the same job as i=7
+        echo.job(text="unicode \u00e9\u4e2d", i=9),
+        echo.configure(
+            queue="elsewhere",
+            concurrency_key="r",
+            concurrency_limit=3,
+            rate_limit=RateLimit(5, timedelta(seconds=1)),
+        ).job(i=10),
+    ]
+    jobs = await app.enqueue_many(specs)
+    stored = [await app.get_job(job.id) for job in jobs]
+    assert jobs == stored
+    assert jobs[6] == jobs[7]
+    superseding = echo.configure(dedup_key="d", on_conflict="supersede", priority=3)
+    (superseded,) = await app.enqueue_many([superseding.job(i=11)])
+    assert superseded == await app.get_job(jobs[6].id)
+    assert (superseded.id, superseded.args, superseded.priority) == (jobs[6].id, {"i": 11}, 3)
+    synced = app.enqueue_many_sync([echo.job(i=12), echo.configure(dedup_key="e").job(i=13)])
+    assert synced == [await app.get_job(job.id) for job in synced]

@@ -1,5 +1,10 @@
 -- Queries on conveyor.jobs. Parameters are named; every array parameter of a
 -- batch statement has one element per job.
+--
+-- The database clock is read as `(SELECT conveyor.now())`, in this file and the
+-- others: a scalar sub-select runs once per statement, while a bare call of
+-- conveyor.now() (an SQL function reading the fake-clock table, which PostgreSQL
+-- cannot inline) ran once per row and per mention, half of a bulk insert's time.
 
 -- name: job_insert_many
 -- Insert a batch of jobs in one statement; run times come from the database clock.
@@ -39,11 +44,11 @@ timed AS (
     -- the next opening of the job's execution window, if it has one.
     SELECT input.*,
            CASE WHEN window_tz IS NULL
-                THEN coalesce(run_at, conveyor.now() + make_interval(secs => delay_s))
+                THEN coalesce(run_at, (SELECT conveyor.now()) + make_interval(secs => delay_s))
                 -- A windowed job due in the past is due now: its window must be open now.
                 ELSE conveyor.window_next_open(
-                    greatest(coalesce(run_at, conveyor.now() + make_interval(secs => delay_s)),
-                             conveyor.now()),
+                    greatest(coalesce(run_at, (SELECT conveyor.now()) + make_interval(secs => delay_s)),
+                             (SELECT conveyor.now())),
                     window_start, window_end, window_tz)
            END AS due
     FROM input
@@ -52,8 +57,8 @@ INSERT INTO conveyor.jobs (queue, task, args, state, priority, max_attempts, run
                            created_at, timeout_ms, meta, concurrency_key,
                            window_start, window_end, window_tz, dedup_key)
 SELECT queue, task, args::jsonb,
-       (CASE WHEN due > conveyor.now() THEN 'scheduled' ELSE 'available' END)::conveyor.job_state,
-       priority, max_attempts, due, conveyor.now(), timeout_ms, meta::jsonb, concurrency_key,
+       (CASE WHEN due > (SELECT conveyor.now()) THEN 'scheduled' ELSE 'available' END)::conveyor.job_state,
+       priority, max_attempts, due, (SELECT conveyor.now()), timeout_ms, meta::jsonb, concurrency_key,
        window_start, window_end, window_tz, dedup_key
 FROM timed, keys_ready
 WHERE keys_ready.ready
@@ -76,7 +81,10 @@ ON CONFLICT (task, dedup_key)
                   window_end = excluded.window_end,
                   window_tz = excluded.window_tz
     WHERE %(supersede)s::boolean AND conveyor.jobs.state IN ('scheduled', 'available')
-RETURNING *;
+-- What the database decided; the rest of a new job's row is what the caller
+-- sent (enqueue_plan.assemble), which saves parsing whole rows in bulk. A row
+-- with a dedup key may be an older job's: the caller reads those whole.
+RETURNING id, task, dedup_key, state, run_at, created_at, args, meta;
 
 -- name: job_claim_many
 -- Claim up to `limit` due jobs for one worker. Unkeyed jobs: highest priority,
@@ -94,8 +102,8 @@ WITH unkeyed AS (
         WHERE state IN ('scheduled', 'available')
           AND concurrency_key IS NULL
           AND queue = q.name
-          AND run_at <= conveyor.now()
-          AND conveyor.in_window(conveyor.now(), window_start, window_end, window_tz)
+          AND run_at <= (SELECT conveyor.now())
+          AND conveyor.in_window((SELECT conveyor.now()), window_start, window_end, window_tz)
         ORDER BY priority DESC, run_at, id
         LIMIT (SELECT %(limit)s::integer)
         FOR UPDATE SKIP LOCKED
@@ -123,8 +131,8 @@ free_keys AS (
           WHERE j.queue = concurrency_keys.queue
             AND j.concurrency_key = concurrency_keys.key
             AND j.state IN ('scheduled', 'available')
-            AND j.run_at <= conveyor.now()
-            AND conveyor.in_window(conveyor.now(), j.window_start, j.window_end, j.window_tz)
+            AND j.run_at <= (SELECT conveyor.now())
+            AND conveyor.in_window((SELECT conveyor.now()), j.window_start, j.window_end, j.window_tz)
       )
     ORDER BY updated_at
     LIMIT (SELECT %(limit)s::integer)
@@ -143,8 +151,8 @@ keyed AS (
         WHERE state IN ('scheduled', 'available')
           AND queue = fk.queue
           AND concurrency_key = fk.key
-          AND run_at <= conveyor.now()
-          AND conveyor.in_window(conveyor.now(), window_start, window_end, window_tz)
+          AND run_at <= (SELECT conveyor.now())
+          AND conveyor.in_window((SELECT conveyor.now()), window_start, window_end, window_tz)
         ORDER BY id
         LIMIT fk.free
         FOR UPDATE SKIP LOCKED
@@ -172,9 +180,9 @@ chosen AS (
 UPDATE conveyor.jobs AS j
 SET state = 'running',
     attempt = j.attempt + 1,
-    started_at = conveyor.now(),
+    started_at = (SELECT conveyor.now()),
     lease_token = nextval('conveyor.lease_token_seq'),
-    lease_expires_at = conveyor.now() + make_interval(secs => %(lease_s)s),
+    lease_expires_at = (SELECT conveyor.now()) + make_interval(secs => %(lease_s)s),
     worker_id = %(worker_id)s
 -- An id array, not a join: the plan stays a primary-key lookup even when it is
 -- generic (planned once, not at every claim), where a join would hash the table.
@@ -210,24 +218,24 @@ updated AS (
                       THEN 'cancelled'
                       -- A retry may land outside the job's window: it waits for the opening.
                       WHEN r.state = 'retry' AND conveyor.window_next_open(
-                               conveyor.now() + make_interval(secs => r.retry_in_s),
-                               j.window_start, j.window_end, j.window_tz) > conveyor.now()
+                               (SELECT conveyor.now()) + make_interval(secs => r.retry_in_s),
+                               j.window_start, j.window_end, j.window_tz) > (SELECT conveyor.now())
                       THEN 'scheduled'
                       ELSE r.next_state::text END)::conveyor.job_state,
         result = coalesce(r.result::jsonb, j.result),
         errors = CASE WHEN r.error IS NULL THEN j.errors
                       ELSE j.errors || jsonb_build_array(
-                          jsonb_build_object('at', conveyor.now()) || r.error::jsonb)
+                          jsonb_build_object('at', (SELECT conveyor.now())) || r.error::jsonb)
                  END,
         attempt = CASE WHEN r.refund THEN j.attempt - 1 ELSE j.attempt END,
         run_at = CASE WHEN r.state = 'retry' AND j.cancel_requested_at IS NULL
                       THEN conveyor.window_next_open(
-                          conveyor.now() + make_interval(secs => r.retry_in_s),
+                          (SELECT conveyor.now()) + make_interval(secs => r.retry_in_s),
                           j.window_start, j.window_end, j.window_tz)
                       ELSE j.run_at END,
         finished_at = CASE WHEN r.next_state IN ('succeeded', 'failed', 'cancelled')
                              OR j.cancel_requested_at IS NOT NULL
-                           THEN conveyor.now() END,
+                           THEN (SELECT conveyor.now()) END,
         lease_token = NULL,
         lease_expires_at = NULL
     FROM resolved AS r
@@ -254,7 +262,7 @@ SELECT updated.id FROM updated, woken;
 -- name: lease_extend_many
 -- Heartbeat: push the lease expiry of this worker's running jobs whose token still matches.
 UPDATE conveyor.jobs AS j
-SET lease_expires_at = conveyor.now() + make_interval(secs => %(lease_s)s)
+SET lease_expires_at = (SELECT conveyor.now()) + make_interval(secs => %(lease_s)s)
 FROM unnest(%(id)s::bigint[], %(token)s::bigint[]) AS l(id, token)
 WHERE j.id = l.id
   AND j.lease_token = l.token
@@ -294,8 +302,8 @@ WHERE j.queue = ANY(%(queues)s::text[])
   AND (
       j.state = 'running'
       OR (j.state IN ('scheduled', 'available')
-          AND j.run_at <= conveyor.now()
-          AND conveyor.in_window(conveyor.now(), j.window_start, j.window_end, j.window_tz)
+          AND j.run_at <= (SELECT conveyor.now())
+          AND conveyor.in_window((SELECT conveyor.now()), j.window_start, j.window_end, j.window_tz)
           AND (j.concurrency_key IS NULL
                OR (k.running < k.concurrency_limit
                    AND conveyor.rate_room(k.rate_limit, k.rate_period_s,
@@ -318,9 +326,9 @@ WITH target AS (
 waiting AS (
     UPDATE conveyor.jobs AS j
     SET state = 'cancelled',
-        finished_at = conveyor.now(),
+        finished_at = (SELECT conveyor.now()),
         errors = j.errors || jsonb_build_array(jsonb_build_object(
-            'at', conveyor.now(), 'attempt', j.attempt,
+            'at', (SELECT conveyor.now()), 'attempt', j.attempt,
             'type', 'conveyor.Cancelled', 'message', %(reason)s::text))
     FROM target
     WHERE j.id = target.id AND target.state IN ('scheduled', 'available')
@@ -328,7 +336,7 @@ waiting AS (
 ),
 running AS (
     UPDATE conveyor.jobs AS j
-    SET cancel_requested_at = coalesce(j.cancel_requested_at, conveyor.now())
+    SET cancel_requested_at = coalesce(j.cancel_requested_at, (SELECT conveyor.now()))
     FROM target
     WHERE j.id = target.id AND target.state = 'running'
     RETURNING j.id, j.worker_id, 'cancel_requested' AS outcome
@@ -353,7 +361,7 @@ WITH released AS (
     SET state = (CASE WHEN cancel_requested_at IS NULL THEN 'available'
                       ELSE 'cancelled' END)::conveyor.job_state,
         finished_at = CASE WHEN cancel_requested_at IS NULL THEN NULL
-                           ELSE conveyor.now() END,
+                           ELSE (SELECT conveyor.now()) END,
         attempt = attempt - 1,
         lease_token = NULL,
         lease_expires_at = NULL
@@ -387,11 +395,11 @@ RETURNING *;
 -- opening, so claims do not step over them until then.
 UPDATE conveyor.jobs
 SET state = 'scheduled',
-    run_at = conveyor.window_next_open(conveyor.now(), window_start, window_end, window_tz)
+    run_at = conveyor.window_next_open((SELECT conveyor.now()), window_start, window_end, window_tz)
 WHERE window_tz IS NOT NULL
   AND state IN ('scheduled', 'available')
-  AND run_at <= conveyor.now()
-  AND NOT conveyor.in_window(conveyor.now(), window_start, window_end, window_tz)
+  AND run_at <= (SELECT conveyor.now())
+  AND NOT conveyor.in_window((SELECT conveyor.now()), window_start, window_end, window_tz)
 RETURNING id;
 
 -- name: job_get_by_dedup_keys
@@ -407,7 +415,7 @@ ORDER BY task, dedup_key, id DESC;
 WITH superseded AS (
     UPDATE conveyor.jobs AS j
     SET dedup_key = NULL,
-        cancel_requested_at = coalesce(j.cancel_requested_at, conveyor.now())
+        cancel_requested_at = coalesce(j.cancel_requested_at, (SELECT conveyor.now()))
     FROM unnest(%(task)s::text[], %(dedup_key)s::text[]) AS k(task, dedup_key)
     WHERE j.task = k.task AND j.dedup_key = k.dedup_key AND j.state = 'running'
     RETURNING j.id, j.worker_id

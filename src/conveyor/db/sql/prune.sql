@@ -43,4 +43,4 @@ SELECT count(*) AS n FROM gone;
 
 -- name: clock_now_value
 -- The database clock, for computing retention cutoffs.
-SELECT conveyor.now() AS now;
+SELECT (SELECT conveyor.now()) AS now;

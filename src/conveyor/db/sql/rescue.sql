@@ -5,7 +5,7 @@
 SELECT id, lease_token, queue, attempt, max_attempts, worker_id
 FROM conveyor.jobs
 WHERE state = 'running'
-  AND lease_expires_at < conveyor.now()
+  AND lease_expires_at < (SELECT conveyor.now())
 ORDER BY lease_expires_at
 LIMIT %(limit)s;
 
@@ -24,16 +24,16 @@ rescued AS (
             WHEN %(backoff_base_s)s > 0 THEN 'scheduled'
             ELSE 'available' END)::conveyor.job_state,
         run_at = conveyor.window_next_open(
-            conveyor.now() + make_interval(secs => least(
+            (SELECT conveyor.now()) + make_interval(secs => least(
                 -- The exponent is clamped: 2^1024 overflows float8 long after the cap applies.
                 %(backoff_base_s)s * power(2::float8, least(greatest(j.attempt - 1, 0), 60)),
                 %(backoff_max_s)s)),
             j.window_start, j.window_end, j.window_tz),
         finished_at = CASE
             WHEN j.cancel_requested_at IS NOT NULL OR j.attempt >= j.max_attempts
-            THEN conveyor.now() END,
+            THEN (SELECT conveyor.now()) END,
         errors = j.errors || jsonb_build_array(jsonb_build_object(
-            'at', conveyor.now(),
+            'at', (SELECT conveyor.now()),
             'attempt', j.attempt,
             'type', 'conveyor.LeaseExpired',
             'message', format('lease expired at %%s: worker %%s stopped heartbeating',
@@ -44,7 +44,7 @@ rescued AS (
     WHERE j.id = target.id
       AND j.lease_token = target.token
       AND j.state = 'running'
-      AND j.lease_expires_at < conveyor.now()
+      AND j.lease_expires_at < (SELECT conveyor.now())
     RETURNING j.id, j.queue, j.state::text AS state
 ),
 woken AS (

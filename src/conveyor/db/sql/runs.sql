@@ -99,7 +99,7 @@ SELECT name, value FROM conveyor.checkpoints WHERE job_id = %(job_id)s;
 -- name: checkpoint_insert
 -- Record a sub-step result, if the writer still holds its job's lease.
 INSERT INTO conveyor.checkpoints (job_id, name, value, created_at)
-SELECT %(job_id)s, %(name)s, %(value)s::jsonb, conveyor.now()
+SELECT %(job_id)s, %(name)s, %(value)s::jsonb, (SELECT conveyor.now())
 FROM (
     -- Share-locked: in an atomic sub-step the lease cannot change hands
     -- between this check and the commit of the caller's writes.

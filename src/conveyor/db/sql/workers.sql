@@ -5,7 +5,7 @@
 INSERT INTO conveyor.workers (id, host, pid, version, schema_version, queues, concurrency,
                               state, started_at, heartbeat_at, stats)
 VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(schema_version)s, %(queues)s::text[],
-        %(concurrency)s, %(state)s::conveyor.worker_state, conveyor.now(), conveyor.now(),
+        %(concurrency)s, %(state)s::conveyor.worker_state, (SELECT conveyor.now()), (SELECT conveyor.now()),
         %(stats)s::jsonb)
 ON CONFLICT (id) DO NOTHING
 RETURNING *;
@@ -30,7 +30,7 @@ lockable AS (
 ),
 renewed AS (
     UPDATE conveyor.jobs AS j
-    SET lease_expires_at = conveyor.now() + make_interval(secs => %(lease_s)s)
+    SET lease_expires_at = (SELECT conveyor.now()) + make_interval(secs => %(lease_s)s)
     FROM lockable
     WHERE j.id = lockable.id
     -- A pipeline step whose run halted is as good as cancelled (the halt could
@@ -55,7 +55,7 @@ me AS (
     -- A worker wrongly marked dead (a long pause) comes back in the state it
     -- knows it is in (running, or stopping once its shutdown began).
     UPDATE conveyor.workers
-    SET heartbeat_at = conveyor.now(),
+    SET heartbeat_at = (SELECT conveyor.now()),
         state = CASE WHEN state = 'dead' THEN %(own_state)s::conveyor.worker_state
                      ELSE state END,
         running_jobs = %(running_jobs)s,
@@ -74,8 +74,8 @@ SELECT coalesce((SELECT stop_requested FROM me), false) AS stop_requested,
 -- Mark this worker stopping or stopped.
 UPDATE conveyor.workers
 SET state = %(state)s::conveyor.worker_state,
-    stopped_at = CASE WHEN %(state)s::conveyor.worker_state = 'stopped' THEN conveyor.now() END,
-    heartbeat_at = conveyor.now(),
+    stopped_at = CASE WHEN %(state)s::conveyor.worker_state = 'stopped' THEN (SELECT conveyor.now()) END,
+    heartbeat_at = (SELECT conveyor.now()),
     running_jobs = %(running_jobs)s,
     leaked_slots = %(leaked_slots)s,
     stats = %(stats)s::jsonb
@@ -86,14 +86,14 @@ WHERE id = %(worker_id)s;
 UPDATE conveyor.workers
 SET state = 'dead'
 WHERE state IN ('running', 'stopping')
-  AND heartbeat_at < conveyor.now() - make_interval(secs => %(dead_after_s)s)
+  AND heartbeat_at < (SELECT conveyor.now()) - make_interval(secs => %(dead_after_s)s)
 RETURNING id;
 
 -- name: worker_request_stop
 -- Ask one worker (or every live one, when id is NULL) to drain and exit.
 WITH asked AS (
     UPDATE conveyor.workers
-    SET stop_requested_at = coalesce(stop_requested_at, conveyor.now())
+    SET stop_requested_at = coalesce(stop_requested_at, (SELECT conveyor.now()))
     WHERE (%(worker_id)s::text IS NULL OR id = %(worker_id)s::text)
       AND state IN ('running', 'stopping')
     RETURNING id
@@ -107,7 +107,7 @@ SELECT asked.id FROM asked, told ORDER BY asked.id;
 
 -- name: worker_list
 -- Every worker, newest first, with its heartbeat age on the database clock.
-SELECT *, extract(epoch FROM conveyor.now() - heartbeat_at)::float8 AS heartbeat_age_s
+SELECT *, extract(epoch FROM (SELECT conveyor.now()) - heartbeat_at)::float8 AS heartbeat_age_s
 FROM conveyor.workers
 WHERE (%(live_only)s::boolean IS FALSE OR state IN ('running', 'stopping'))
 ORDER BY started_at DESC, id;
