@@ -161,3 +161,12 @@ def test_from_env_validates_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv(ENV_SCHEMA, "x; drop")
     with pytest.raises(ConfigError, match=r"Config\.schema"):
         Config.from_env()
+
+
+def test_connections_keep_the_url_options_and_turn_jit_off() -> None:
+    from conveyor.db.connect import connection_kwargs
+
+    plain = connection_kwargs(Config(), conninfo="postgresql://u@h/db")
+    assert plain["options"] == "-c jit=off"
+    own = connection_kwargs(Config(), conninfo="postgresql://u@h/db?options=-c%20search_path%3Dapp")
+    assert own["options"] == "-c search_path=app -c jit=off"

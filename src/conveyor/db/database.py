@@ -78,7 +78,9 @@ class Database:
 
     def connect_kwargs(self, application_name: str = "conveyor") -> dict[str, Any]:
         """Keyword arguments for a dedicated connection (the control session, locks)."""
-        return connection_kwargs(self.config, application_name=application_name)
+        return connection_kwargs(
+            self.config, conninfo=self.conninfo, application_name=application_name
+        )
 
     # -- async -------------------------------------------------------------
 
