@@ -7,22 +7,13 @@ fails such a change before a benchmark has to notice it.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import pytest
 from psycopg import sql
 
 from conveyor import App, JobContext
 from conveyor.config import Config
+from conveyor.db.explain import CLAIM_EXAMPLE, plan_nodes
 from tests.conftest import SCHEMA
-
-
-def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
-    found = [node]
-    for child in node.get("Plans", []):
-        found += _plan_nodes(child)
-    return found
 
 
 @pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
@@ -43,15 +34,7 @@ async def test_claim_uses_claim_index_with_large_backlog(app: App, plan_cache_mo
             sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plan_cache_mode))
         )
         # Plain EXPLAIN plans without executing: nothing is claimed.
-        cur = await conn.execute(
-            b"EXPLAIN (FORMAT JSON) " + app.db.queries["job_claim_many"],
-            {"queues": ["default"], "limit": 10, "worker_id": "w", "lease_s": 30.0},
-        )
-        row = await cur.fetchone()
-        assert row is not None
-    plan = row["QUERY PLAN"]
-    plan = json.loads(plan) if isinstance(plan, str) else plan
-    nodes = _plan_nodes(plan[0]["Plan"])
+        nodes = await plan_nodes(app.db, conn, "job_claim_many", CLAIM_EXAMPLE)
     scans = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
     assert ("Index Scan", "jobs", "jobs_claim_idx") in scans, scans
     assert not any(kind == "Seq Scan" and rel == "jobs" for kind, rel, _ in scans), scans
@@ -108,8 +91,10 @@ async def test_an_outcome_batch_probes_the_primary_key_per_outcome(
         await conn.execute(
             sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plan_cache_mode))
         )
-        cur = await conn.execute(
-            b"EXPLAIN (FORMAT JSON) " + app.db.queries["job_finish_many"],
+        nodes = await plan_nodes(
+            app.db,
+            conn,
+            "job_finish_many",
             {
                 "id": [2, 4, 6],
                 "token": [2, 4, 6],
@@ -121,10 +106,6 @@ async def test_an_outcome_batch_probes_the_primary_key_per_outcome(
                 "channel": "conveyor.jobs",
             },
         )
-        row = await cur.fetchone()
-        assert row is not None
-    plan = row["QUERY PLAN"]
-    nodes = _plan_nodes((json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"])
     reads = [
         n for n in nodes if n.get("Relation Name") == "jobs" and n["Node Type"] != "ModifyTable"
     ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import random
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ from conveyor import (
     Worker,
     WorkerConfig,
 )
+from conveyor.db.explain import CLAIM_EXAMPLE, plan_nodes
 from conveyor.testing import advance_time, database_now, drain, freeze_time
 from tests.concurrency.procs import (
     KeyCounts,
@@ -786,13 +786,6 @@ async def test_set_limit_refuses_an_empty_key(app: App) -> None:
 # -- claim plan ------------------------------------------------------------------
 
 
-def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
-    found = [node]
-    for child in node.get("Plans", []):
-        found += _plan_nodes(child)
-    return found
-
-
 async def test_claim_walks_both_claim_indexes_with_a_large_keyed_backlog(app: App) -> None:
     @app.task(name="keyed", concurrency_limit=2, concurrency_key="k{n}")
     async def keyed(ctx: JobContext, n: int) -> None: ...
@@ -808,15 +801,7 @@ async def test_claim_walks_both_claim_indexes_with_a_large_keyed_backlog(app: Ap
         )
         await conn.execute("ANALYZE conveyor.jobs")
         await conn.execute("ANALYZE conveyor.concurrency_keys")
-        cur = await conn.execute(
-            b"EXPLAIN (FORMAT JSON) " + app.db.queries["job_claim_many"],
-            {"queues": ["default"], "limit": 10, "worker_id": "w", "lease_s": 30.0},
-        )
-        row = await cur.fetchone()
-        assert row is not None
-    plan = row["QUERY PLAN"]
-    plan = json.loads(plan) if isinstance(plan, str) else plan
-    nodes = _plan_nodes(plan[0]["Plan"])
+        nodes = await plan_nodes(app.db, conn, "job_claim_many", CLAIM_EXAMPLE)
     scans = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
     indexes = {index for _, rel, index in scans if rel == "jobs"}
     assert {"jobs_claim_idx", "jobs_claim_keyed_idx"} <= indexes, scans

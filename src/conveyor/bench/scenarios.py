@@ -10,7 +10,6 @@ count. Nothing here asserts a speed; `make bench` reports.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ from conveyor.app import App
 from conveyor.bench.sample import NOOP, PIPELINE, PIPELINE_STEPS, build_app
 from conveyor.config import ENV_DATABASE_URL, WorkerConfig
 from conveyor.db.database import Row
+from conveyor.db.explain import CLAIM_EXAMPLE, plan_nodes, scans
 from conveyor.db.queries import parse_queries
 from conveyor.tasks import JobSpec
 from conveyor.worker.worker import Worker
@@ -333,25 +333,11 @@ async def _fill(url: str, count: int, *, finished: bool) -> None:
 
 async def _claim_uses_index(app: App) -> bool:
     async with app.db.connection() as conn:
-        cur = await conn.execute(
-            b"EXPLAIN (FORMAT JSON) " + app.db.queries["job_claim_many"],
-            {"queues": ["default"], "limit": 10, "worker_id": "w", "lease_s": 30.0},
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    plan = row["QUERY PLAN"]
-    nodes = _plan_nodes((json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"])
-    scans = {(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes}
-    return ("Index Scan", "jobs", "jobs_claim_idx") in scans and not any(
-        kind == "Seq Scan" and relation == "jobs" for kind, relation, _ in scans
+        nodes = await plan_nodes(app.db, conn, "job_claim_many", CLAIM_EXAMPLE)
+    found = scans(nodes)
+    return ("Index Scan", "jobs", "jobs_claim_idx") in found and not any(
+        kind == "Seq Scan" and relation == "jobs" for kind, relation, _ in found
     )
-
-
-def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
-    found = [node]
-    for child in node.get("Plans", []):
-        found += _plan_nodes(child)
-    return found
 
 
 # -- connections -----------------------------------------------------------------
