@@ -27,11 +27,12 @@ from typing import Any
 
 from benchmarks.peers import PEERS
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from conveyor.bench import scenarios
 from conveyor.bench.environment import fresh_database, machine, server_url
 from conveyor.bench.runner import plot, run_scenario, scenario_names
+from conveyor.cli.progress import progress_bar
 
 COMPARED: list[tuple[str, dict[str, Any]]] = [
     ("throughput", {"jobs": 10_000, "concurrency": 10}),
@@ -207,13 +208,7 @@ def _targets(reports: list[dict[str, Any]], comparison: dict[str, Any]) -> list[
 
 
 async def _measure(quick: bool, repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with progress_bar(console) as progress:
         reports = [
             await run_scenario(name, quick=quick, progress=progress) for name in scenario_names()
         ]

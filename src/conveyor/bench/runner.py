@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from conveyor.bench.environment import fresh_database, machine, server_url
 from conveyor.bench.scenarios import SCENARIOS, Bench, Result
+from conveyor.cli.progress import progress_bar
 
 Params = dict[str, Any]
 
@@ -87,15 +88,9 @@ async def run_scenario(
 
 def run_with_progress(name: str, *, quick: bool, show: bool) -> Result:
     """Run a scenario in a new event loop, with a progress bar when `show`."""
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
     if not show:
         return asyncio.run(run_scenario(name, quick=quick))
-    with Progress(*columns, transient=False) as progress:
+    with progress_bar() as progress:
         return asyncio.run(run_scenario(name, quick=quick, progress=progress))
 
 

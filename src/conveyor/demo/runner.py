@@ -13,10 +13,10 @@ from datetime import timedelta
 import psycopg
 from psycopg import sql
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from conveyor.app import App
+from conveyor.cli.progress import progress_bar
 from conveyor.config import ENV_DATABASE_URL, ENV_SCHEMA, Config
 from conveyor.db.connect import resolve_database_url
 from conveyor.errors import ConveyorError
@@ -112,13 +112,7 @@ def _start_worker(url: str, schema: str) -> subprocess.Popen[bytes]:
 
 def _follow(console: Console, url: str, schema: str, procs: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + DEMO_TIMEOUT_S
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with progress_bar(console) as progress:
         bar = progress.add_task("jobs finished")
         while True:
             finished, total, live_runs = _progress(url, schema)
