@@ -231,32 +231,32 @@ class LockFactory:
     backend: Backend
     request: pytest.FixtureRequest
 
+    def _fixture(self, name: str, backend: Backend) -> Any:
+        assert self.backend == backend, f"{name} belongs to the {backend} backend"
+        return self.request.getfixturevalue(name)
+
     @property
     def advisory(self) -> AdvisoryFactory:
         """The advisory factory (only for the advisory backend)."""
-        assert self.backend == "advisory"
-        factory: AdvisoryFactory = self.request.getfixturevalue("advisory_lock")
+        factory: AdvisoryFactory = self._fixture("advisory_lock", "advisory")
         return factory
 
     @property
     def redis(self) -> RedisFactory:
         """The Redis factory (only for the redis backend)."""
-        assert self.backend == "redis"
-        factory: RedisFactory = self.request.getfixturevalue("redis_lock")
+        factory: RedisFactory = self._fixture("redis_lock", "redis")
         return factory
 
     @property
     def app(self) -> App:
         """This test's app (only for the advisory backend)."""
-        assert self.backend == "advisory"
-        app: App = self.request.getfixturevalue("app")
+        app: App = self._fixture("app", "advisory")
         return app
 
     @property
     def database_url(self) -> str:
         """This test's database (only for the advisory backend)."""
-        assert self.backend == "advisory"
-        url: str = self.request.getfixturevalue("database_url")
+        url: str = self._fixture("database_url", "advisory")
         return url
 
     def __call__(
