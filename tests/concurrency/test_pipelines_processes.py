@@ -194,6 +194,17 @@ def assert_clean_logs(procs: Iterable[WorkerProcess]) -> None:
         assert alarms == [], f"worker {proc.name} logged:\n" + "\n".join(alarms[:20])
 
 
+async def each_step_ran_once(app: App) -> dict[tuple[int, str], list[Execution]]:
+    """Every step's executions; fails naming the attempts, and why their jobs
+    ended, if a step ran more than once."""
+    found = await executions(app)
+    twice = {key: ran for key, ran in found.items() if len(ran) != 1}
+    if twice:
+        twice_jobs = await job_errors(app, sorted({e["job_id"] for r in twice.values() for e in r}))
+        raise AssertionError(f"a step ran twice: {twice}; their jobs' errors: {twice_jobs}")
+    return found
+
+
 async def stop_all(procs: Iterable[WorkerProcess]) -> list[dict[str, Any]]:
     procs = list(procs)
     await asyncio.gather(*(p.stop() for p in procs))
@@ -732,11 +743,7 @@ async def test_a_branch_failing_beside_running_siblings_halts_its_run_once_witho
     done = await get_runs(app, ids)
 
     assert await steps_disagreeing_with_their_jobs(app, ids) == []
-    found = await executions(app)
-    twice = {key: ran for key, ran in found.items() if len(ran) != 1}
-    if twice:  # say which attempts, and why they ended, before failing
-        twice_jobs = await job_errors(app, sorted({e["job_id"] for r in twice.values() for e in r}))
-        raise AssertionError(f"a step ran twice: {twice}; their jobs' errors: {twice_jobs}")
+    found = await each_step_ran_once(app)
     reports = await cleanup_results(app, done)
     for spec, run in zip(inputs, done, strict=True):
         n = spec["n"]
@@ -808,11 +815,7 @@ async def test_runs_cancelled_mid_flight_stop_for_good_clean_up_once_and_retry_t
     done = await get_runs(app, ids)
 
     assert await steps_disagreeing_with_their_jobs(app, ids) == []
-    found = await executions(app)
-    twice = {key: ran for key, ran in found.items() if len(ran) != 1}
-    if twice:  # say which attempts, and why they ended, before failing
-        twice_jobs = await job_errors(app, sorted({e["job_id"] for r in twice.values() for e in r}))
-        raise AssertionError(f"a step ran twice: {twice}; their jobs' errors: {twice_jobs}")
+    found = await each_step_ran_once(app)
     reports = await cleanup_results(app, done)
     cancelled = [r for r in done if r.state is RunState.CANCELLED]
     assert {r.id for r in cancelled} <= victims
