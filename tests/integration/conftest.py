@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -37,3 +38,20 @@ def count_jobs(query_db: QueryDb) -> CountJobs:
         return int(rows[0]["n"])
 
     return count
+
+
+@asynccontextmanager
+async def lease_taken_away(query_db: QueryDb, job_id: int) -> AsyncIterator[None]:
+    """Inside the block, job `job_id` carries another lease token, as if the rescuer
+    had given it to another worker: the running attempt is a zombie. Restored after."""
+    (row,) = await query_db(
+        "UPDATE conveyor.jobs SET lease_token = lease_token + 1000000 WHERE id = %s "
+        "RETURNING lease_token - 1000000 AS original",
+        job_id,
+    )
+    try:
+        yield
+    finally:
+        await query_db(
+            "UPDATE conveyor.jobs SET lease_token = %s WHERE id = %s", row["original"], job_id
+        )

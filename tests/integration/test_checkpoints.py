@@ -24,7 +24,7 @@ from conveyor import (
     WorkerConfig,
 )
 from conveyor.testing import drain
-from tests.integration.conftest import QueryDb
+from tests.integration.conftest import QueryDb, lease_taken_away
 
 NO_DELAY = FixedDelay(timedelta(0))
 QUIET = WorkerConfig(
@@ -212,24 +212,13 @@ async def test_atomic_sub_step_with_a_lost_lease_rolls_back_and_raises_lease_los
 
     @app.task(name="zombie")
     async def zombie(ctx: JobContext) -> str:
-        (row,) = await query_db(
-            "UPDATE conveyor.jobs SET lease_token = lease_token + 1000000 WHERE id = %s "
-            "RETURNING lease_token - 1000000 AS original",
-            ctx.job.id,
-        )
-        try:
+        async with lease_taken_away(query_db, ctx.job.id):
             with pytest.raises(LeaseLost):
                 await ctx.step("insert", insert, atomic=True)
             outcomes.append("atomic refused")
             with pytest.raises(LeaseLost):
                 await ctx.step("plain", lambda: "value")
             outcomes.append("plain refused")
-        finally:
-            await query_db(
-                "UPDATE conveyor.jobs SET lease_token = %s WHERE id = %s",
-                row["original"],
-                ctx.job.id,
-            )
         return "survived"
 
     job = await zombie.enqueue()

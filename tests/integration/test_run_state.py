@@ -31,7 +31,7 @@ from conveyor import (
     codec,
 )
 from conveyor.testing import drain
-from tests.integration.conftest import QueryDb
+from tests.integration.conftest import QueryDb, lease_taken_away
 
 NO_DELAY = FixedDelay(timedelta(0))
 ALL_TYPES: dict[str, Any] = {
@@ -221,12 +221,7 @@ async def test_write_by_an_attempt_whose_lease_token_changed_raises_lease_lost(
     async def step(ctx: JobContext) -> str:
         await ctx.run.set("before", 1)
         await ctx.run.incr("hits")
-        (row,) = await query_db(
-            "UPDATE conveyor.jobs SET lease_token = lease_token + 1000000 WHERE id = %s "
-            "RETURNING lease_token - 1000000 AS original",
-            ctx.job.id,
-        )
-        try:
+        async with lease_taken_away(query_db, ctx.job.id):
             writes: list[Callable[[], Awaitable[object]]] = [
                 lambda: ctx.run.set("stale", 1),
                 lambda: ctx.run.update(stale=2),
@@ -237,12 +232,6 @@ async def test_write_by_an_attempt_whose_lease_token_changed_raises_lease_lost(
                 with pytest.raises(LeaseLost):
                     await write()
                 caught.append("lease lost")
-        finally:
-            await query_db(
-                "UPDATE conveyor.jobs SET lease_token = %s WHERE id = %s",
-                row["original"],
-                ctx.job.id,
-            )
         return "done"
 
     run = await pipe.start()
