@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+
+from conveyor import WorkerConfig
 
 Rows = list[dict[str, Any]]
 QueryDb = Callable[..., Awaitable[Rows]]
@@ -38,6 +41,17 @@ def count_jobs(query_db: QueryDb) -> CountJobs:
         return int(rows[0]["n"])
 
     return count
+
+
+QUIET_WORKER = WorkerConfig(
+    poll_interval=timedelta(milliseconds=50),
+    lease_duration=timedelta(minutes=10),
+    heartbeat_interval=timedelta(minutes=5),
+    dead_after=timedelta(minutes=20),
+    run_rescuer=False,
+)
+"""A worker whose heartbeat and rescuer cannot fire while a test briefly swaps a
+job's lease token (`lease_taken_away`)."""
 
 
 @asynccontextmanager

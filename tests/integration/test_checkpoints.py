@@ -21,19 +21,11 @@ from conveyor import (
     JobState,
     LeaseLost,
     RunState,
-    WorkerConfig,
 )
 from conveyor.testing import drain
-from tests.integration.conftest import QueryDb, lease_taken_away
+from tests.integration.conftest import QUIET_WORKER, QueryDb, lease_taken_away
 
 NO_DELAY = FixedDelay(timedelta(0))
-QUIET = WorkerConfig(
-    poll_interval=timedelta(milliseconds=50),
-    lease_duration=timedelta(minutes=10),
-    heartbeat_interval=timedelta(minutes=5),
-    dead_after=timedelta(minutes=20),
-    run_rescuer=False,
-)
 
 
 async def side_table(query_db: QueryDb) -> None:
@@ -222,7 +214,7 @@ async def test_atomic_sub_step_with_a_lost_lease_rolls_back_and_raises_lease_los
         return "survived"
 
     job = await zombie.enqueue()
-    await drain(app, QUIET)
+    await drain(app, QUIET_WORKER)
     assert outcomes == ["atomic refused", "plain refused"]
     assert await query_db("SELECT * FROM side") == []
     assert await query_db("SELECT * FROM conveyor.checkpoints WHERE job_id = %s", job.id) == []

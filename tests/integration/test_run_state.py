@@ -27,11 +27,10 @@ from conveyor import (
     RunFailure,
     RunState,
     StepState,
-    WorkerConfig,
     codec,
 )
 from conveyor.testing import drain
-from tests.integration.conftest import QueryDb, lease_taken_away
+from tests.integration.conftest import QUIET_WORKER, QueryDb, lease_taken_away
 
 NO_DELAY = FixedDelay(timedelta(0))
 ALL_TYPES: dict[str, Any] = {
@@ -57,15 +56,6 @@ ALL_TYPES: dict[str, Any] = {
     "odd_keys": {1: "one", (2, 3): "pair", "$decimal": "not a tag", None: "none"},
     "nested": {"list": [Decimal("1"), {"when": date(2026, 1, 1)}], "dollar": {"$x": [b"x"]}},
 }
-
-# A worker whose heartbeat cannot fire while a test briefly swaps a job's lease token.
-QUIET = WorkerConfig(
-    poll_interval=timedelta(milliseconds=50),
-    lease_duration=timedelta(minutes=10),
-    heartbeat_interval=timedelta(minutes=5),
-    dead_after=timedelta(minutes=20),
-    run_rescuer=False,
-)
 
 
 def assert_same(expected: Any, actual: Any) -> None:
@@ -235,7 +225,7 @@ async def test_write_by_an_attempt_whose_lease_token_changed_raises_lease_lost(
         return "done"
 
     run = await pipe.start()
-    await drain(app, QUIET)
+    await drain(app, QUIET_WORKER)
     done = await app.runs.get(run.id)
     assert done.state is RunState.SUCCEEDED, done
     assert caught == ["lease lost"] * 4
