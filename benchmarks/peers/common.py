@@ -104,6 +104,25 @@ async def wait_until(
         await asyncio.sleep(POLL_S)
 
 
+async def all_finished(
+    url: str,
+    *,
+    peer: str,
+    jobs: int,
+    ran: Callable[[], int],
+    stopped: Callable[[], bool],
+    succeeded: str,
+    started: float,
+) -> float:
+    """Wait until the worker ran `jobs` (counted in process) and the database shows
+    them all finished (`succeeded`, a count query); seconds since `started`."""
+    await wait_until(lambda: ran() >= jobs or stopped(), what="jobs to run")
+    if stopped():
+        raise RuntimeError(f"{peer} worker stopped early ({ran()} of {jobs} ran)")
+    await wait_db_count(url, succeeded, jobs)
+    return time.perf_counter() - started
+
+
 async def wait_db_count(
     url: str, query: str, expected: int, *, timeout: float = DONE_TIMEOUT_S
 ) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 from benchmarks.peers.common import (
+    all_finished,
     analyze,
     db_seconds,
     enqueue_result,
@@ -189,11 +190,15 @@ async def throughput(database_url: str, *, jobs: int, concurrency: int) -> dict[
         started = time.perf_counter()
         worker.start()
         try:
-            await wait_until(lambda: ran >= jobs or worker.done(), what="jobs to run")
-            if worker.done():
-                raise RuntimeError(f"pgqueuer worker stopped early ({ran} of {jobs} ran)")
-            await wait_db_count(database_url, succeeded, jobs)
-            seconds = time.perf_counter() - started
+            seconds = await all_finished(
+                database_url,
+                peer=NAME,
+                jobs=jobs,
+                ran=lambda: ran,
+                stopped=worker.done,
+                succeeded=succeeded,
+                started=started,
+            )
         finally:
             await worker.stop()
     span_s = await db_seconds(database_url, span)

@@ -14,6 +14,7 @@ from importlib.metadata import version
 from typing import Any
 
 from benchmarks.peers.common import (
+    all_finished,
     analyze,
     db_seconds,
     enqueue_result,
@@ -118,11 +119,15 @@ async def throughput(database_url: str, *, jobs: int, concurrency: int) -> dict[
         started = time.perf_counter()
         worker = asyncio.create_task(app.run_worker_async(**_worker_options(concurrency)))
         try:
-            await wait_until(lambda: ran >= jobs or worker.done(), what="jobs to run")
-            if worker.done():
-                raise RuntimeError(f"procrastinate worker stopped early ({ran} of {jobs} ran)")
-            await wait_db_count(database_url, SUCCEEDED, jobs)
-            seconds = time.perf_counter() - started
+            seconds = await all_finished(
+                database_url,
+                peer=NAME,
+                jobs=jobs,
+                ran=lambda: ran,
+                stopped=worker.done,
+                succeeded=SUCCEEDED,
+                started=started,
+            )
         finally:
             await stop_task(worker)
     span_s = await db_seconds(database_url, SPAN)
