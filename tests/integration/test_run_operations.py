@@ -191,21 +191,7 @@ async def test_cancel_and_retry_of_an_unknown_run_raise_run_not_found(app: App) 
 
 
 async def test_a_step_job_cancelled_directly_cancels_its_run(app: App) -> None:
-    calls: list[str] = []
-    pipe = app.pipeline("job_cancel")
-
-    @pipe.step()
-    async def first(ctx: JobContext) -> None:
-        calls.append("first")
-
-    @pipe.step()
-    async def second(ctx: JobContext) -> None:
-        calls.append("second")
-
-    @pipe.on_failure()
-    async def cleanup(ctx: JobContext, failure: RunFailure) -> None:
-        calls.append("cleanup")
-
+    pipe, calls = recording_pipeline(app, "job_cancel", ["first", "second"])
     run = await pipe.start()
     first_job = (await app.runs.get(run.id)).step("first").job_id
     assert first_job is not None
@@ -218,6 +204,29 @@ async def test_a_step_job_cancelled_directly_cancels_its_run(app: App) -> None:
 
 
 # -- retry ---------------------------------------------------------------------
+
+
+def recording_pipeline(app: App, name: str, steps: list[str]) -> tuple[Pipeline, list[str]]:
+    """`steps` in a line, each recording its name when called; the cleanup records
+    "cleanup"."""
+    calls: list[str] = []
+    pipe = app.pipeline(name)
+
+    def make(step: str) -> Any:
+        async def fn(ctx: JobContext) -> None:
+            calls.append(step)
+
+        fn.__name__ = step
+        return fn
+
+    for step in steps:
+        pipe.step()(make(step))
+
+    @pipe.on_failure()
+    async def cleanup(ctx: JobContext, failure: RunFailure) -> None:
+        calls.append("cleanup")
+
+    return pipe, calls
 
 
 def counting_pipeline(
@@ -647,17 +656,7 @@ async def test_cancel_while_a_step_waits_for_its_retry_cancels_that_job(
 async def test_a_step_job_claimed_after_its_run_halted_never_calls_the_step(
     app: App, query_db: QueryDb
 ) -> None:
-    calls: list[str] = []
-    pipe = app.pipeline("late_claim")
-
-    @pipe.step()
-    async def only(ctx: JobContext) -> None:
-        calls.append("only")
-
-    @pipe.on_failure()
-    async def cleanup(ctx: JobContext, failure: RunFailure) -> None:
-        calls.append("cleanup")
-
+    pipe, calls = recording_pipeline(app, "late_claim", ["only"])
     run = await pipe.start()
     job_id = (await app.runs.get(run.id)).step("only").job_id
     assert job_id is not None
