@@ -25,6 +25,7 @@ from typing import Any, overload
 
 import psycopg
 
+from conveyor.collector import collector_paused
 from conveyor.config import Config
 from conveyor.db.columns import columns
 from conveyor.db.control import control_channel
@@ -244,10 +245,11 @@ class App:
 
     def _encode(self, specs: Iterable[JobSpec]) -> list[EncodedJob]:
         encoded = []
-        for spec in specs:
-            task = self.get_task(spec.task)
-            task.check_arguments(spec.args)
-            encoded.append(spec.encode(self.config.max_payload_bytes))
+        with collector_paused():
+            for spec in specs:
+                task = self.get_task(spec.task)
+                task.check_arguments(spec.args)
+                encoded.append(spec.encode(self.config.max_payload_bytes))
         return encoded
 
     async def _insert(
@@ -265,15 +267,20 @@ class App:
                 conn=conn,
             )
         rows: list[Row] = []
-        for supersede, chunk in plan.statements:
-            with _queue_full_as_typed_error():
-                rows += await self.db.fetch(
-                    "enqueue jobs",
-                    "job_insert_many",
-                    _insert_params(chunk, supersede),
-                    conn=conn,
-                    idempotent=False,
-                )
+        with _queue_full_as_typed_error():
+            if conn is None:  # at most one statement (see InsertPlan.needs_transaction)
+                for supersede, chunk in plan.statements:
+                    rows += await self.db.fetch(
+                        "enqueue jobs",
+                        "job_insert_many",
+                        _insert_params(chunk, supersede),
+                        idempotent=False,
+                    )
+            else:
+                for batch in await self.db.fetch_each(
+                    "enqueue jobs", "job_insert_many", _each_insert_params(plan), conn=conn
+                ):
+                    rows += batch
         whole: list[Row] = []
         if deduplicated := deduplicated_ids(rows):
             whole += await self.db.fetch(
@@ -286,7 +293,8 @@ class App:
                 _dedup_params(missing, None),
                 conn=conn,
             )
-        return assemble(jobs, rows, whole)
+        with collector_paused():
+            return assemble(jobs, rows, whole)
 
     def _insert_sync(
         self,
@@ -303,15 +311,20 @@ class App:
                 conn=conn,
             )
         rows: list[Row] = []
-        for supersede, chunk in plan.statements:
-            with _queue_full_as_typed_error():
-                rows += self.db.fetch_sync(
-                    "enqueue jobs",
-                    "job_insert_many",
-                    _insert_params(chunk, supersede),
-                    conn=conn,
-                    idempotent=False,
-                )
+        with _queue_full_as_typed_error():
+            if conn is None:  # at most one statement (see InsertPlan.needs_transaction)
+                for supersede, chunk in plan.statements:
+                    rows += self.db.fetch_sync(
+                        "enqueue jobs",
+                        "job_insert_many",
+                        _insert_params(chunk, supersede),
+                        idempotent=False,
+                    )
+            else:
+                for batch in self.db.fetch_each_sync(
+                    "enqueue jobs", "job_insert_many", _each_insert_params(plan), conn=conn
+                ):
+                    rows += batch
         whole: list[Row] = []
         if deduplicated := deduplicated_ids(rows):
             whole += self.db.fetch_sync(
@@ -324,7 +337,8 @@ class App:
                 _dedup_params(missing, None),
                 conn=conn,
             )
-        return assemble(jobs, rows, whole)
+        with collector_paused():
+            return assemble(jobs, rows, whole)
 
     # -- read --------------------------------------------------------------
 
@@ -531,11 +545,20 @@ def _fields(config: Config) -> dict[str, Any]:
 
 
 def _insert_params(jobs: Sequence[EncodedJob], supersede: bool = False) -> dict[str, Any]:
-    return {"supersede": supersede} | columns(
+    arrays = columns(
         jobs, "queue", "task", "args", "priority", "max_attempts", "run_at", "delay_s",
         "timeout_ms", "meta", "concurrency_key", "concurrency_limit", "max_queue_length",
         "window_start", "window_end", "window_tz", "dedup_key", "rate_limit", "rate_period_s",
     )  # fmt: skip
+    # An option no job uses is sent as one NULL, not an array of them: unnest
+    # pads it, and most options go unused in a typical batch.
+    unused = {name for name, values in arrays.items() if values.count(None) == len(values)}
+    return {"supersede": supersede} | {k: None if k in unused else v for k, v in arrays.items()}
+
+
+def _each_insert_params(plan: InsertPlan) -> Iterator[dict[str, Any]]:
+    # A generator: each batch's arrays are built just before it is sent.
+    return (_insert_params(chunk, supersede) for supersede, chunk in plan.statements)
 
 
 def _dedup_params(keys: Sequence[DedupKey], channel: str | None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from conveyor.codec import jsonb_loads
 from conveyor.jobs import Job, job_state
 from conveyor.tasks import EncodedJob
 
@@ -96,27 +97,29 @@ def assemble(
 
 def _new_job(job: EncodedJob, row: dict[str, Any]) -> Job:
     """The snapshot of a job just inserted: the database's decisions, the caller's options."""
-    return Job.from_fields(
-        {
-            **NEW_JOB_DEFAULTS,
-            "id": row["id"],
-            "queue": job.queue,
-            "task": job.task,
-            "args": row["args"],
-            "state": job_state(row["state"]),
-            "priority": job.priority,
-            "max_attempts": job.max_attempts,
-            "run_at": row["run_at"],
-            "created_at": row["created_at"],
-            "timeout_ms": job.timeout_ms,
-            "errors": [],
-            "meta": row["meta"],
-            "concurrency_key": job.concurrency_key,
-            "window_start": job.window_start,
-            "window_end": job.window_end,
-            "window_tz": job.window_tz,
-        }
+    # Filled in place, like Job.from_fields, without building a dict to copy.
+    new = object.__new__(Job)
+    fields = new.__dict__
+    fields.update(NEW_JOB_DEFAULTS)
+    fields.update(
+        id=row["id"],
+        queue=job.queue,
+        task=job.task,
+        args=jsonb_loads(job.args),
+        state=job_state(row["state"]),
+        priority=job.priority,
+        max_attempts=job.max_attempts,
+        run_at=row["run_at"],
+        created_at=row["created_at"],
+        timeout_ms=job.timeout_ms,
+        errors=[],
+        meta=jsonb_loads(job.meta),
+        concurrency_key=job.concurrency_key,
+        window_start=job.window_start,
+        window_end=job.window_end,
+        window_tz=job.window_tz,
     )
+    return new
 
 
 NEW_JOB_DEFAULTS: dict[str, Any] = {

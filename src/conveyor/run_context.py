@@ -9,7 +9,6 @@ the step wrote.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -98,9 +97,7 @@ class RunContext:
         await self._write_state({}, list(names))
 
     async def _write_state(self, patch: dict[str, Any], remove: list[str]) -> None:
-        encoded = json.dumps(
-            {k: codec.encode(v) for k, v in patch.items()}, separators=(",", ":"), allow_nan=False
-        )
+        encoded = codec.compact_json({k: codec.encode(v) for k, v in patch.items()})
         rows = await self.ctx.app.db.fetch(
             "write run state",
             "run_data_merge",

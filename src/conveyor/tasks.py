@@ -13,13 +13,13 @@ send.enqueue_sync(to="c@example.com")            # from sync code
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
+from conveyor.codec import compact_json
 from conveyor.errors import ConfigError, InvalidArguments, InvalidJobOptions, PayloadTooLarge
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
 from conveyor.windows import ExecutionWindow, as_window
@@ -256,8 +256,8 @@ class JobSpec:
         except ConfigError as exc:
             raise InvalidJobOptions(str(exc)) from exc
         _check_dedup(self.dedup_key, self.on_conflict, self.supersede_running)
-        args = _to_json(self.args, f"arguments of task {self.task!r}")
-        meta = _to_json(self.meta, "meta")
+        args = _to_json(self.args, self.task)
+        meta = _to_json(self.meta, None)
         size = len(args.encode())
         if size > max_payload_bytes:
             raise PayloadTooLarge(size, max_payload_bytes)
@@ -294,7 +294,7 @@ def _milliseconds(duration: timedelta) -> int:
     return math.ceil(duration / timedelta(milliseconds=1))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class EncodedJob:
     """A validated JobSpec, as the insert statement takes it."""
 
@@ -320,16 +320,23 @@ class EncodedJob:
     supersede_running: bool = False
 
 
-def _to_json(value: Mapping[str, Any], what: str) -> str:
+def _to_json(value: Mapping[str, Any], task: str | None) -> str:
+    """`value` as JSON text; `task` names whose arguments these are (None: meta)."""
     if not isinstance(value, Mapping):
-        raise InvalidArguments(f"{what} must be a mapping, got {type(value).__name__}")
+        raise InvalidArguments(f"{_what(task)} must be a mapping, got {type(value).__name__}")
     try:
-        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        encoded = compact_json(value)
     except (TypeError, ValueError) as exc:
-        raise InvalidArguments(f"{what} are not JSON-serialisable: {exc}") from exc
+        raise InvalidArguments(f"{_what(task)} are not JSON-serialisable: {exc}") from exc
     if "\\u0000" in encoded and _has_nul(value):
-        raise InvalidArguments(f"{what} contain a NUL character, which PostgreSQL cannot store")
+        raise InvalidArguments(
+            f"{_what(task)} contain a NUL character, which PostgreSQL cannot store"
+        )
     return encoded
+
+
+def _what(task: str | None) -> str:
+    return "meta" if task is None else f"arguments of task {task!r}"
 
 
 def _has_nul(value: object) -> bool:
@@ -343,6 +350,10 @@ def _has_nul(value: object) -> bool:
 
 
 TaskFunction = Callable[..., Any]
+
+_BINDABLE_CACHE_SIZE = 64
+"""Argument-name sets remembered per task as known to bind (a task taking
+`**kwargs` could otherwise grow the set without bound)."""
 Prepare = Callable[["JobContext"], Awaitable[None]]
 ResultEncoder = Callable[[Any], str]
 
@@ -372,6 +383,7 @@ class Task:
         self.encode_result = encode_result
         self.is_async = inspect.iscoroutinefunction(func)
         self._signature = _signature_without_context(func, name)
+        self._bindable: set[tuple[str, ...]] = set()
 
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.options.queue}>"
@@ -382,10 +394,17 @@ class Task:
 
     def check_arguments(self, args: Mapping[str, Any]) -> None:
         """Raise `InvalidArguments` unless `args` bind to the function's parameters."""
+        # Whether keyword arguments bind depends only on their names, and a bulk
+        # enqueue checks the same few name sets again and again.
+        names = tuple(args) if isinstance(args, dict) else None
+        if names in self._bindable:
+            return
         try:
             self._signature.bind(**args)
         except TypeError as exc:
             raise InvalidArguments(f"task {self.name!r}: {exc}") from exc
+        if names is not None and len(self._bindable) < _BINDABLE_CACHE_SIZE:
+            self._bindable.add(names)
 
     def job(self, **args: Any) -> JobSpec:
         """A `JobSpec` with this task's defaults, for `App.enqueue_many`."""

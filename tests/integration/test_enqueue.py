@@ -305,8 +305,8 @@ async def test_enqueued_snapshots_equal_the_stored_rows_for_every_kind_of_option
     app: App,
 ) -> None:
     # enqueue_many builds a new job's snapshot from what it sent plus what the
-    # insert returned (id, state, times, the stored args and meta); it must be
-    # exactly the row a read returns, whatever the options.
+    # insert returned (id, state, times); it must be exactly the row a read
+    # returns, whatever the options.
     echo = register_echo(app)
     await freeze_time(app, FROZEN)
     specs = [
@@ -336,3 +336,29 @@ async def test_enqueued_snapshots_equal_the_stored_rows_for_every_kind_of_option
     assert (superseded.id, superseded.args, superseded.priority) == (jobs[6].id, {"i": 11}, 3)
     synced = app.enqueue_many_sync([echo.job(i=12), echo.configure(dedup_key="e").job(i=13)])
     assert synced == [await app.get_job(job.id) for job in synced]
+
+
+async def test_enqueued_args_and_meta_have_the_types_a_worker_reads(app: App) -> None:
+    # A bulk enqueue decodes args and meta from the JSON it sent; jsonb re-prints
+    # numbers (1e+16 as an integer, no -0.0), and the snapshot must follow it.
+    @app.task(name="anything")
+    async def anything(ctx: object, **kwargs: object) -> None:
+        return None
+
+    numbers = [1e16, -1.5e16, 1.2345678901234567e20, 1e300, -0.0, 1e-05, 5e-324, 0.1, 2**70, 7]
+    tricky = {"n": numbers, "nested": {"x": [1e17, {"y": -0.0}]}, "s": "1e+16 -0.0", "b": True}
+    specs = [anything.configure(meta={"m": 1e16, "z": -0.0}).job(**tricky), anything.job(i=1)]
+    for jobs in (await app.enqueue_many(specs), app.enqueue_many_sync(specs)):
+        for job in jobs:
+            stored = await app.get_job(job.id)
+            assert _typed(job.args) == _typed(stored.args)
+            assert _typed(job.meta) == _typed(stored.meta)
+
+
+def _typed(value: object) -> object:
+    """`value` with every leaf paired with its type, and -0.0 told apart from 0.0."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    return (type(value).__name__, repr(value))

@@ -46,10 +46,18 @@ async def test_bulk_enqueue_is_all_or_nothing_against_the_cap(app: App) -> None:
     assert await _job_count(app) == 10
 
 
-async def test_multi_chunk_bulk_past_the_cap_leaves_no_row(app: App) -> None:
+async def test_multi_chunk_bulk_past_the_cap_leaves_no_row(app: App, database_url: str) -> None:
+    # The cap is passed in the third of three pipelined statements only.
     capped = _capped(app, cap=11_000)
+    specs = [capped.job(i=i) for i in range(12_000)]
     with pytest.raises(QueueFull):
-        await app.enqueue_many([capped.job(i=i) for i in range(12_000)])
+        await app.enqueue_many(specs)
+    with pytest.raises(QueueFull):
+        app.enqueue_many_sync(specs)
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        with pytest.raises(QueueFull):
+            async with conn.transaction():
+                await app.enqueue_many(specs, connection=conn)
     assert await _job_count(app) == 0
     assert [k.waiting for k in await app.keys()] in ([], [0])
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import timedelta
 from typing import Any
 
-from conveyor.codec import CodecError
+from conveyor.codec import CodecError, compact_json
 from conveyor.context import JobContext
 from conveyor.errors import TaskNotFound
 from conveyor.jobs import Job
@@ -191,7 +190,7 @@ def _timeout_message(job: Job) -> str:
 
 def _encode_result(value: Any) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+        return compact_json(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"task result is not JSON-serialisable: {exc}") from exc
 

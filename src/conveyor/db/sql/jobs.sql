@@ -10,14 +10,16 @@
 -- Insert a batch of jobs in one statement; run times come from the database clock.
 WITH input AS (
     -- One row per job, in the caller's order (ord), so ids follow that order.
+    -- Binary arrays (%()b): psycopg dumps them in about a third of the text time.
+    -- An array may be NULL when no job sets that column: unnest pads it with NULLs.
     SELECT *
     FROM unnest(
-        %(queue)s::text[], %(task)s::text[], %(args)s::text[], %(priority)s::smallint[],
-        %(max_attempts)s::integer[], %(run_at)s::timestamptz[], %(delay_s)s::float8[],
-        %(timeout_ms)s::integer[], %(meta)s::text[], %(concurrency_key)s::text[],
-        %(concurrency_limit)s::integer[], %(max_queue_length)s::integer[],
-        %(window_start)s::time[], %(window_end)s::time[], %(window_tz)s::text[],
-        %(dedup_key)s::text[], %(rate_limit)s::integer[], %(rate_period_s)s::float8[]
+        %(queue)b::text[], %(task)b::text[], %(args)b::text[], %(priority)b::smallint[],
+        %(max_attempts)b::integer[], %(run_at)b::timestamptz[], %(delay_s)b::float8[],
+        %(timeout_ms)b::integer[], %(meta)b::text[], %(concurrency_key)b::text[],
+        %(concurrency_limit)b::integer[], %(max_queue_length)b::integer[],
+        %(window_start)b::time[], %(window_end)b::time[], %(window_tz)b::text[],
+        %(dedup_key)b::text[], %(rate_limit)b::integer[], %(rate_period_s)b::float8[]
     ) WITH ORDINALITY AS i(queue, task, args, priority, max_attempts, run_at, delay_s,
                            timeout_ms, meta, concurrency_key, concurrency_limit,
                            max_queue_length, window_start, window_end, window_tz,
@@ -84,7 +86,7 @@ ON CONFLICT (task, dedup_key)
 -- What the database decided; the rest of a new job's row is what the caller
 -- sent (enqueue_plan.assemble), which saves parsing whole rows in bulk. A row
 -- with a dedup key may be an older job's: the caller reads those whole.
-RETURNING id, task, dedup_key, state, run_at, created_at, args, meta;
+RETURNING id, task, dedup_key, state, run_at, created_at;
 
 -- name: job_claim_many
 -- Claim up to `limit` due jobs for one worker. Unkeyed jobs: highest priority,
