@@ -7,6 +7,9 @@ fails such a change before a benchmark has to notice it.
 
 from __future__ import annotations
 
+from typing import Any
+
+import psycopg
 import pytest
 from psycopg import sql
 
@@ -30,9 +33,7 @@ async def test_claim_uses_claim_index_with_large_backlog(app: App, plan_cache_mo
             "UPDATE conveyor.jobs SET state = 'succeeded', finished_at = now() WHERE id % 2 = 0"
         )
         await conn.execute("ANALYZE conveyor.jobs")
-        await conn.execute(
-            sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plan_cache_mode))
-        )
+        await _plan_with(conn, plan_cache_mode)
         # Plain EXPLAIN plans without executing: nothing is claimed.
         nodes = await plan_nodes(app.db, conn, "job_claim_many", CLAIM_EXAMPLE)
     scans = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
@@ -42,6 +43,28 @@ async def test_claim_uses_claim_index_with_large_backlog(app: App, plan_cache_mo
     lock_rows = [n for n in nodes if n["Node Type"] == "LockRows"]
     assert lock_rows, scans
     assert [c["Node Type"] for c in lock_rows[0]["Plans"]] == ["Index Scan"], scans
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_a_keys_due_work_is_found_by_a_probe_not_a_scan_of_its_backlog(
+    app: App, plan_cache_mode: str
+) -> None:
+    # "Does this key have a due job" once bitmap-scanned every waiting job of
+    # the key at every claim: cost grew with the key's backlog.
+    @app.task(name="hot", concurrency_limit=10, concurrency_key="hot")
+    async def hot(ctx: JobContext) -> None:
+        return None
+
+    await app.enqueue_many([hot.job() for _ in range(20_000)])
+    async with app.db.connection() as conn:
+        await conn.execute("ANALYZE conveyor.jobs")
+        await _plan_with(conn, plan_cache_mode)
+        nodes = await plan_nodes(app.db, conn, "job_claim_many", CLAIM_EXAMPLE)
+    scans = [
+        (n["Node Type"], n.get("Index Name")) for n in nodes if n.get("Relation Name") == "jobs"
+    ]
+    assert ("Index Scan", "jobs_keyed_due_idx") in scans, scans
+    assert not any(kind.startswith("Bitmap") or kind == "Seq Scan" for kind, _ in scans), scans
 
 
 async def test_a_worker_connection_plans_the_claim_once_then_reuses_the_generic_plan(
@@ -88,9 +111,7 @@ async def test_an_outcome_batch_probes_the_primary_key_per_outcome(
             "UPDATE conveyor.jobs SET state = 'running', lease_token = id, "
             "lease_expires_at = now() + interval '1 minute' WHERE id % 2 = 0"
         )
-        await conn.execute(
-            sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plan_cache_mode))
-        )
+        await _plan_with(conn, plan_cache_mode)
         nodes = await plan_nodes(
             app.db,
             conn,
@@ -121,3 +142,8 @@ async def test_conveyor_sessions_never_jit_compile(app: App) -> None:
         cur = await conn.execute("SHOW jit")
         row = await cur.fetchone()
     assert row == {"jit": "off"}
+
+
+async def _plan_with(conn: psycopg.AsyncConnection[Any], plan_cache_mode: str) -> None:
+    """Make the session plan with `plan_cache_mode` (custom or generic plans)."""
+    await conn.execute(sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plan_cache_mode)))

@@ -786,6 +786,38 @@ async def test_set_limit_refuses_an_empty_key(app: App) -> None:
 # -- claim plan ------------------------------------------------------------------
 
 
+async def test_statement_triggers_stay_linear_in_the_rows_a_statement_updates(
+    app: App,
+) -> None:
+    # The count triggers once joined a statement's old and new rows with a plan
+    # made at the session's first call, typically a few rows: a nested loop,
+    # quadratic for any later statement (20,000 rows took over a minute). The
+    # timeout is a guard against that growth with a wide margin, not a timing
+    # measurement: paired by grouping, the update takes well under a second.
+    @app.task(name="keyed", concurrency_limit=2, concurrency_key="k{n}")
+    async def keyed(ctx: JobContext, n: int) -> None: ...
+
+    app.task(name="plain")(_noop)
+    await app.enqueue_many(keyed.job(n=i % 50) for i in range(20_000))
+    await app.enqueue_many(JobSpec(task="plain") for _ in range(20_000))
+    async with app.db.connection() as conn, conn.transaction():
+        await conn.execute("SET LOCAL statement_timeout = '30s'")
+        # A first, one-row statement plans the triggers' queries for this session.
+        await conn.execute(
+            "UPDATE conveyor.jobs SET state = 'cancelled', finished_at = now() WHERE id = 1"
+        )
+        await conn.execute(
+            "UPDATE conveyor.jobs SET state = 'succeeded', finished_at = now() "
+            "WHERE id % 2 = 0 AND state = 'available'"
+        )
+    await assert_counts_match(app)
+    by_queue = {q.queue: q for q in await app.queue_stats()}
+    assert (by_queue["default"].waiting, by_queue["default"].total_succeeded) == (
+        20_000 - 1,
+        20_000,
+    )
+
+
 async def test_claim_walks_both_claim_indexes_with_a_large_keyed_backlog(app: App) -> None:
     @app.task(name="keyed", concurrency_limit=2, concurrency_key="k{n}")
     async def keyed(ctx: JobContext, n: int) -> None: ...

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from conveyor import App, JobContext, Worker, WorkerConfig
+from conveyor import App, JobContext, Task, Worker, WorkerConfig
 from tests.waiting import wait_until
 
 QUIET_S = 0.3
@@ -53,3 +53,88 @@ async def test_a_claim_short_of_a_full_key_waits_for_outcomes_instead_of_claimin
     finally:
         release.set()
         await worker.stop()
+
+
+async def test_a_claim_that_takes_exactly_a_keys_room_does_not_claim_again_at_once(
+    app: App,
+) -> None:
+    # Two slots, a key of limit 2: the first claim is full, yet nothing more is
+    # claimable until an outcome is written. A full claim used to mean "claim
+    # again as soon as a slot frees", and that claim came back empty.
+    held, releases, started = _held_task(app, 3)
+    keyed = held.configure(concurrency_key="k", concurrency_limit=2)
+    await app.enqueue_many(keyed.job(i=i) for i in range(3))
+    worker = Worker(
+        app,
+        WorkerConfig(
+            concurrency=2,
+            poll_interval=timedelta(seconds=60),
+            flush_interval=timedelta(seconds=5),
+        ),
+    )
+    await worker.start()
+    try:
+        await wait_until(_count_is(started, 2), "the key's first two jobs start")
+        assert worker.claims == 1
+        releases[0].set()
+        await wait_until(_count_is(started, 3), "the third starts once the first's outcome is in")
+        assert worker.claims == 2
+    finally:
+        for release in releases:
+            release.set()
+        await worker.stop()
+
+
+async def test_a_worker_does_not_claim_on_hearing_its_own_outcome_notification(
+    app: App,
+) -> None:
+    # Writing a keyed outcome notifies every worker that the key has room; the
+    # writer claims after its write on its own, so acting on its own echo would
+    # send a claim that comes back empty, once per cycle of the key.
+    held, releases, started = _held_task(app, 3)
+    worker = Worker(app, WorkerConfig(concurrency=4, poll_interval=timedelta(seconds=60)))
+    await worker.start()
+    try:
+        await wait_until(lambda: _true(worker.connected.is_set()), "the worker listens")
+        await _quiet(worker)
+        before = worker.claims
+        keyed = held.configure(concurrency_key="k", concurrency_limit=2)
+        await app.enqueue_many(keyed.job(i=n // 2) for n in range(6))
+        for pair in range(3):
+            await wait_until(_count_is(started, 2 * pair + 2), f"pair {pair} starts")
+            releases[pair].set()
+        await wait_until(lambda: _true(worker.stats.succeeded == 6), "all six succeed")
+        await _quiet(worker)
+        # One claim on the enqueue's notification, then one per written pair of
+        # outcomes (the last finds nothing left): no claim for any echo.
+        assert worker.claims - before == 4
+    finally:
+        for release in releases:
+            release.set()
+        await worker.stop()
+
+
+def _held_task(app: App, count: int) -> tuple[Task, list[asyncio.Event], list[int]]:
+    """A task `held(i)` that records `i` when it starts and ends once `releases[i]` is set."""
+    releases = [asyncio.Event() for _ in range(count)]
+    started: list[int] = []
+
+    @app.task(name="held")
+    async def held(ctx: JobContext, i: int) -> None:
+        started.append(i)
+        await releases[i].wait()
+
+    return held, releases, started
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _quiet(worker: Worker) -> None:
+    """Wait until the worker has sent no claim for QUIET_S."""
+    while True:
+        claims = worker.claims
+        await asyncio.sleep(QUIET_S)
+        if worker.claims == claims:
+            return

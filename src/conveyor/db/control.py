@@ -37,7 +37,11 @@ def control_channel(schema: str) -> str:
 
 
 class ControlSession(BackgroundService):
-    """LISTENs on `channels` (when `listen`) and calls `on_tick(conn)` every `tick_s`."""
+    """LISTENs on `channels` (when `listen`) and calls `on_tick(conn)` every `tick_s`.
+
+    A channel's handler gets each notification's payload and the process id
+    of the backend that sent it.
+    """
 
     name = "control"
 
@@ -45,7 +49,7 @@ class ControlSession(BackgroundService):
         self,
         db: Database,
         *,
-        channels: Mapping[str, Callable[[str], None]],
+        channels: Mapping[str, Callable[[str, int], None]],
         on_reconnect: Callable[[], None],
         on_tick: Tick,
         tick_s: float,
@@ -119,7 +123,7 @@ class ControlSession(BackgroundService):
             if wait > 0:
                 if self._listen:
                     async for note in conn.notifies(timeout=wait):
-                        self._dispatch(note.channel, note.payload)
+                        self._dispatch(note.channel, note.payload, note.pid)
                 else:
                     await asyncio.sleep(wait)
             if loop.time() >= next_tick:
@@ -131,11 +135,11 @@ class ControlSession(BackgroundService):
                     log.warning("control tick failed: %s", exc)
                 next_tick = loop.time() + self._tick_s
 
-    def _dispatch(self, channel: str, payload: str) -> None:
+    def _dispatch(self, channel: str, payload: str, pid: int) -> None:
         handler = self._channels.get(channel)
         if handler is None:
             return
         try:
-            handler(payload)
+            handler(payload, pid)
         except Exception:
             log.exception("handler for %s failed on %r", channel, payload)

@@ -91,7 +91,7 @@ class Producer(BackgroundService):
             # Taken before the claim is sent: the lease may start as early as this.
             claimed_at = asyncio.get_running_loop().time()
             try:
-                jobs = await self._claim(free)
+                jobs, more = await self._claim(free)
             except DatabaseError as exc:
                 delay = retry_delay(min(failures, 6))
                 failures += 1
@@ -102,15 +102,16 @@ class Producer(BackgroundService):
             failures = 0
             for job in jobs:
                 self._start_job(job, claimed_at)
-            # A short claim found less claimable work than it asked for: the queue
-            # is drained, or its keys are at their limits, for now. Claiming again
+            # A short claim found less claimable work than it asked for, and a full
+            # one may have taken all there was (`more` is false): the queue is
+            # drained, or its keys are at their limits, for now. Claiming again
             # at once would come back empty (for a busy key, every time a job of
             # it ends); the next claim waits for a wake-up instead: a NOTIFY, this
             # worker's own outcomes written (which may free room in a key), or the
             # poll. Rows skipped because other claimers held them locked (SKIP
             # LOCKED) are all but gone by then: a claim walks past locked rows,
             # so it only comes back short near the end of the backlog.
-            queue_may_have_jobs = len(jobs) == free
+            queue_may_have_jobs = len(jobs) == free and more
             if self.starved != (not queue_may_have_jobs):
                 self.starved = not queue_may_have_jobs
                 if self.starved and self._on_starved is not None:
@@ -135,7 +136,8 @@ class Producer(BackgroundService):
         if rows:
             log.warning("released %d job(s) claimed by a lost claim", len(rows))
 
-    async def _claim(self, limit: int) -> Sequence[Job]:
+    async def _claim(self, limit: int) -> tuple[Sequence[Job], bool]:
+        """The jobs claimed, and whether claiming again at once could find more."""
         # Not idempotent: re-sending a claim whose reply was lost would strand the
         # first claim's jobs; the caller releases them instead (_release_unheld).
         rows = await self._db.fetch(
@@ -150,7 +152,7 @@ class Producer(BackgroundService):
             idempotent=False,
         )
         self.claims += 1
-        return claim_order([Job.from_row(r) for r in rows])
+        return claim_order([Job.from_row(r) for r in rows]), bool(rows) and rows[0]["more"]
 
 
 def claim_order(jobs: list[Job]) -> list[Job]:

@@ -45,6 +45,7 @@ from conveyor.jobs import Job
 from conveyor.maintenance.rescuer import Rescuer
 from conveyor.migrations.migrator import latest_version
 from conveyor.worker.buffer import BatchBuffer
+from conveyor.worker.echoes import Echoes
 from conveyor.worker.executor import execute, executor_failure
 from conveyor.worker.heartbeat import Heartbeat, HeartbeatReply, HeldLease, WorkerReport
 from conveyor.worker.outcome import Outcome
@@ -121,6 +122,7 @@ class Worker:
             name="completer",
             on_written=self._after_write,
         )
+        self._echoes = Echoes()
         self._producer = Producer(
             app.db,
             self.config,
@@ -134,7 +136,7 @@ class Worker:
         self._control = ControlSession(
             app.db,
             channels={self._jobs_channel: self._on_jobs, control_channel(schema): self._on_control},
-            on_reconnect=self._producer.wake,
+            on_reconnect=self._reconnected,
             on_tick=self._beat,
             tick_s=self.config.heartbeat_interval.total_seconds(),
             listen=self.config.listen,
@@ -317,11 +319,19 @@ class Worker:
 
     # -- signals ---------------------------------------------------------------
 
-    def _on_jobs(self, queue: str) -> None:
-        if queue in self.config.queues:
-            self._producer.wake()
+    def _reconnected(self) -> None:
+        # Notifications sent while no connection listened are lost: claim now.
+        self._echoes.forget()
+        self._producer.wake()
 
-    def _on_control(self, payload: str) -> None:
+    def _on_jobs(self, queue: str, pid: int) -> None:
+        if queue not in self.config.queues:
+            return
+        if self._echoes.heard(pid, queue, asyncio.get_running_loop().time()):
+            return
+        self._producer.wake()
+
+    def _on_control(self, payload: str, pid: int) -> None:
         try:
             message = json.loads(payload)
         except json.JSONDecodeError:
@@ -464,29 +474,39 @@ class Worker:
             stats.retried += 1
 
     async def _write_outcomes(self, outcomes: Sequence[Outcome]) -> None:
-        rows = await self.app.db.fetch(
-            "record job outcomes",
-            "job_finish_many",
-            {
-                **columns(
-                    outcomes,
-                    "token",
-                    "state",
-                    "result",
-                    "error",
-                    "retry_in_s",
-                    "refund",
-                    id="job_id",
-                ),
-                "channel": self._jobs_channel,
-            },
-        )
+        params = {
+            **columns(
+                outcomes, "token", "state", "result", "error", "retry_in_s", "refund", id="job_id"
+            ),
+            "channel": self._jobs_channel,
+        }
+        if self.config.listen:
+            rows = await self._write_noting_echoes(params)
+        else:
+            rows = await self.app.db.fetch("record job outcomes", "job_finish_many", params)
         stale = len(outcomes) - len(rows)
         if stale:
             self.stats.stale_writes += stale
             log.warning(
                 "worker %s: %d outcome(s) refused: lease token no longer current", self.id, stale
             )
+
+    async def _write_noting_echoes(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Write outcomes on a connection whose backend is known, so the notifications
+        the write sends are not acted on when this worker hears them (see echoes)."""
+        queues = self.config.queues
+        async with self.app.db.connection() as conn:
+            pid = conn.info.backend_pid
+            self._echoes.expect(pid, queues, asyncio.get_running_loop().time())
+            sent: list[str] = []
+            try:
+                rows = await self.app.db.fetch(
+                    "record job outcomes", "job_finish_many", params, conn=conn
+                )
+                sent = rows[0]["woken"] if rows else []
+            finally:
+                self._echoes.settle(pid, queues, sent)
+        return rows
 
     def _after_write(self) -> None:
         # Written outcomes may have freed room in a concurrency key (the database
