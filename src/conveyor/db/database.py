@@ -116,6 +116,7 @@ class Database:
         *,
         conn: psycopg.AsyncConnection[Any] | None = None,
         idempotent: bool = True,
+        before_send: Callable[[int], None] | None = None,
     ) -> list[Row]:
         """Run the named `query` and return its rows as dicts.
 
@@ -123,9 +124,13 @@ class Database:
         surely did not apply: the connection could not be had, or the server
         reported an error. A connection lost mid-statement leaves its outcome
         unknown, so that failure is raised instead of risking a duplicate.
+        `before_send` gets the backend process id of the connection each
+        attempt is about to use (the pid its NOTIFYs will carry).
         """
         statement = self.queries[query]
         if conn is not None:
+            if before_send is not None:
+                before_send(conn.info.backend_pid)
             try:
                 async with conn.cursor(row_factory=dict_row) as cur:
                     await cur.execute(statement, params)
@@ -137,6 +142,8 @@ class Database:
             pool = await self.pool()
             # Safe from the caller's cancellation: this runs in its own task.
             async with pool.connection() as own:
+                if before_send is not None:
+                    before_send(own.info.backend_pid)
                 try:
                     cur = await own.execute(statement, params)
                     return await cur.fetchall() if cur.description else []

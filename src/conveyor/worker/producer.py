@@ -2,7 +2,8 @@
 
 It claims at most as many jobs as there are free slots, in one statement, so
 a worker never holds a job it cannot start. A claim that returns fewer jobs
-than it asked for means the queue (or its keys) is drained for now: the
+than it asked for, or all it asked for but nothing more to find (the claim's
+`more` is false), means the queue (or its keys) is drained for now: the
 producer then sleeps until a notification, its own outcomes are written, a
 catch-up request or the poll interval.
 """

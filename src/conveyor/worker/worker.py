@@ -492,20 +492,25 @@ class Worker:
             )
 
     async def _write_noting_echoes(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """Write outcomes on a connection whose backend is known, so the notifications
+        """Write outcomes noting the backend each attempt uses, so the notifications
         the write sends are not acted on when this worker hears them (see echoes)."""
         queues = self.config.queues
-        async with self.app.db.connection() as conn:
-            pid = conn.info.backend_pid
+        backends: list[int] = []
+
+        def noting(pid: int) -> None:
+            backends.append(pid)
             self._echoes.expect(pid, queues, asyncio.get_running_loop().time())
-            sent: list[str] = []
-            try:
-                rows = await self.app.db.fetch(
-                    "record job outcomes", "job_finish_many", params, conn=conn
-                )
-                sent = rows[0]["woken"] if rows else []
-            finally:
-                self._echoes.settle(pid, queues, sent)
+
+        sent: list[str] = []
+        try:
+            rows = await self.app.db.fetch(
+                "record job outcomes", "job_finish_many", params, before_send=noting
+            )
+            sent = rows[0]["woken"] if rows else []
+        finally:
+            # What a failed attempt sent is unknown: its echo, if any, just wakes us.
+            for attempt, pid in enumerate(backends, start=1):
+                self._echoes.settle(pid, queues, sent if attempt == len(backends) else [])
         return rows
 
     def _after_write(self) -> None:
