@@ -168,7 +168,7 @@ class Database:
         """Run the named `query` once per item of `params` on `conn`, in one pipeline.
 
         Each statement is sent without waiting for the one before it, so the
-        server inserts one batch while this process encodes the next. `conn`
+        server inserts one batch while this process dumps and sends the next. `conn`
         is the caller's, in a transaction: like `fetch` on a caller's
         connection, nothing is retried.
         """
