@@ -271,7 +271,9 @@ async def test_cancelling_the_task_inside_the_block_still_releases(
 
 
 async def test_cancelling_a_waiting_acquire_leaves_nothing_behind(make_lock: LockFactory) -> None:
-    holder, waiter, probe = (make_lock("abandoned-wait") for _ in range(3))
+    # A long TTL: on a loaded machine the test's 2 s default could run out
+    # before the waiter's first try, and the waiter would then simply acquire.
+    holder, waiter, probe = (make_lock("abandoned-wait", ttl=60) for _ in range(3))
     assert await holder.acquire(timeout=0)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(waiter.acquire(timeout=10), timeout=0.1)
