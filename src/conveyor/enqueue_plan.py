@@ -97,11 +97,8 @@ def assemble(
 
 def _new_job(job: EncodedJob, row: dict[str, Any]) -> Job:
     """The snapshot of a job just inserted: the database's decisions, the caller's options."""
-    # Filled in place, like Job.from_fields, without building a dict to copy.
-    new = object.__new__(Job)
-    fields = new.__dict__
-    fields.update(NEW_JOB_DEFAULTS)
-    fields.update(
+    return Job.from_fields(
+        NEW_JOB_DEFAULTS,
         id=row["id"],
         queue=job.queue,
         task=job.task,
@@ -119,7 +116,6 @@ def _new_job(job: EncodedJob, row: dict[str, Any]) -> Job:
         window_end=job.window_end,
         window_tz=job.window_tz,
     )
-    return new
 
 
 NEW_JOB_DEFAULTS: dict[str, Any] = {

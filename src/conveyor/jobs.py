@@ -113,14 +113,17 @@ class Job:
         return cls.from_fields(known)
 
     @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> Job:
-        """Build from a dict holding every field, `state` already a JobState.
+    def from_fields(cls, fields: dict[str, Any], /, **overrides: Any) -> Job:
+        """Build from `fields` updated with `overrides`, together holding every
+        field, `state` already a JobState.
 
         Claims and bulk enqueues build one per job: this skips the frozen
-        `__init__`'s per-field `object.__setattr__` (4x faster).
+        `__init__`'s per-field `object.__setattr__` (4x faster), and fills the
+        new job's own dict without building another to copy.
         """
         job = object.__new__(cls)
         job.__dict__.update(fields)
+        job.__dict__.update(overrides)
         return job
 
     @property

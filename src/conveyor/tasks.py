@@ -351,11 +351,13 @@ def _has_nul(value: object) -> bool:
 
 TaskFunction = Callable[..., Any]
 
+Prepare = Callable[["JobContext"], Awaitable[None]]
+ResultEncoder = Callable[[Any], str]
+
+
 _BINDABLE_CACHE_SIZE = 64
 """Argument-name sets remembered per task as known to bind (a task taking
 `**kwargs` could otherwise grow the set without bound)."""
-Prepare = Callable[["JobContext"], Awaitable[None]]
-ResultEncoder = Callable[[Any], str]
 
 
 class Task:
