@@ -41,6 +41,7 @@ from conveyor.errors import (
 )
 from conveyor.jobs import Job, JobState, KeyStats, QueueStats, WorkerInfo
 from conveyor.outcomes import Cancel, Fail, Retry, Snooze
+from conveyor.partitions import PartitionInfo
 from conveyor.pipeline import Pipeline, Step
 from conveyor.retry import ExponentialBackoff, FixedDelay, RetryPolicy
 from conveyor.run_context import RunContext
@@ -72,6 +73,7 @@ __all__ = [
     "KeyStats",
     "LeaseLost",
     "NotInRun",
+    "PartitionInfo",
     "PayloadTooLarge",
     "Pipeline",
     "QueueFull",

@@ -51,6 +51,7 @@ from conveyor.locks.advisory import AdvisoryLock, LockInfo, is_locked, list_lock
 from conveyor.locks.keys import LockKey
 from conveyor.maintenance.pruner import PruneReport, prune
 from conveyor.migrations.migrator import check_schema, migrate
+from conveyor.partitions import Partitions
 from conveyor.pipeline import Pipeline, Step
 from conveyor.polling import poll_until
 from conveyor.retry import DEFAULT_RETRY, RetryPolicy
@@ -93,6 +94,8 @@ class App:
         self.pipelines: dict[str, Pipeline] = {}
         self.runs = Runs(self)
         """Pipeline runs: `get`, `recent`, `cancel`, `retry`, `wait`."""
+        self.partitions = Partitions(self)
+        """Per-task partitions of the jobs table: `all`, `create`, `remove`, `sync`."""
 
     def __repr__(self) -> str:
         return f"<App schema={self.config.schema} tasks={len(self.tasks)}>"
@@ -118,6 +121,7 @@ class App:
         max_queue_length: int | None = None,
         window: ExecutionWindow | str | None = None,
         rate_limit: RateLimit | None = None,
+        partition: bool = False,
     ) -> Callable[[TaskFunction], Task]: ...
 
     def task(
@@ -136,6 +140,7 @@ class App:
         max_queue_length: int | None = None,
         window: ExecutionWindow | str | None = None,
         rate_limit: RateLimit | None = None,
+        partition: bool = False,
     ) -> Task | Callable[[TaskFunction], Task]:
         """Register a task function (sync or async); its first parameter is the `JobContext`."""
         if isinstance(timeout, int | float):
@@ -151,6 +156,7 @@ class App:
             max_queue_length=max_queue_length,
             window=as_window(window),
             rate_limit=rate_limit,
+            partition=partition,
         )
 
         def register(fn: TaskFunction) -> Task:

@@ -73,6 +73,9 @@ class TaskOptions:
     rate_limit: RateLimit | None = None
     """Most starts per period per key, across all workers:
     `RateLimit(10, timedelta(seconds=1))`."""
+    partition: bool = False
+    """Keep its jobs in a partition of the jobs table of their own (hot-task
+    isolation, see `conveyor.partitions`); a starting worker creates it."""
 
     def __post_init__(self) -> None:
         if self.rate_limit is not None and self.concurrency_limit is None:
@@ -86,6 +89,10 @@ class TaskOptions:
         if self.concurrency_key is not None and self.concurrency_limit is None:
             raise ConfigError("task option: concurrency_key needs a concurrency_limit")
         _check_cap_options(self.max_queue_length, self.concurrency_limit, ConfigError)
+        if not isinstance(self.partition, bool):
+            raise ConfigError(
+                f"task option: partition must be True or False, got {self.partition!r}"
+            )
 
 
 def _check_options(queue: str, priority: int, max_attempts: int, timeout: timedelta | None) -> None:

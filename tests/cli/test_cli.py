@@ -94,6 +94,34 @@ def test_status_shows_counts(cli_env: str) -> None:
     assert "3" in line
 
 
+def test_partitions_create_list_and_remove(cli_env: str) -> None:
+    empty = runner.invoke(cli, ["partitions"])
+    assert empty.exit_code == 0, empty.output
+    assert "(none" in empty.output
+    runner.invoke(cli, ["enqueue", SAMPLE, "multiply", "--args", '{"a": 1, "b": 2}'])
+
+    created = runner.invoke(cli, ["partitions", "create", "multiply"])
+    assert created.exit_code == 0, created.output
+    table = created.output.split("partition ")[1].strip()
+    assert table.startswith("jobs_task_multiply_")
+    listed = runner.invoke(cli, ["partitions"])
+    assert table in listed.output and "multiply" in listed.output
+    assert _jobs(cli_env) == [("multiply", "available", {"a": 1, "b": 2})]
+
+    removed = runner.invoke(cli, ["partitions", "remove", "multiply"])
+    assert (removed.exit_code, removed.output.strip()) == (0, "multiply: partition removed")
+    again = runner.invoke(cli, ["partitions", "remove", "multiply"])
+    assert (again.exit_code, again.output.strip()) == (0, "multiply: had no partition")
+    assert _jobs(cli_env) == [("multiply", "available", {"a": 1, "b": 2})]
+
+
+def test_partitions_create_refuses_an_empty_task_name(cli_env: str) -> None:
+    result = runner.invoke(cli, ["partitions", "create", ""])
+    assert result.exit_code == 2, result.output
+    assert "non-empty task name" in result.output
+    assert "(none" in runner.invoke(cli, ["partitions"]).output
+
+
 def test_worker_subprocess_runs_jobs_and_stops_on_sigterm(cli_env: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     enqueue = subprocess.run(

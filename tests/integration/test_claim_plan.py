@@ -3,6 +3,11 @@
 The claim is the hottest statement; a change that turns it into a sequential
 scan or a full sort of the backlog makes cost grow with the queue. This test
 fails such a change before a benchmark has to notice it.
+
+`jobs` is partitioned by task: each plan is checked with only the default
+partition, and with a second task in a partition of its own, where every walk
+becomes an ordered merge of the partitions' index walks. `plan_nodes` names
+partitions and their indexes after the partitioned table and index.
 """
 
 from __future__ import annotations
@@ -18,14 +23,23 @@ from conveyor.config import Config
 from conveyor.db.explain import CLAIM_EXAMPLE, plan_nodes
 from tests.conftest import SCHEMA
 
+PLAN_MODES = pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+LAYOUTS = pytest.mark.parametrize(
+    "partitioned", [False, True], ids=["default_only", "two_partitions"]
+)
 
-@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
-async def test_claim_uses_claim_index_with_large_backlog(app: App, plan_cache_mode: str) -> None:
+
+@LAYOUTS
+@PLAN_MODES
+async def test_claim_uses_claim_index_with_large_backlog(
+    app: App, plan_cache_mode: str, partitioned: bool
+) -> None:
     # Both plans: a claim is planned once per connection (generic) in steady state.
     @app.task(name="noop")
     async def noop(ctx: JobContext) -> None:
         return None
 
+    await _second_partition(app, partitioned)
     await app.enqueue_many([noop.job() for _ in range(20_000)])
     async with app.db.connection() as conn:
         # Half the history finished: it must stay out of the claim path.
@@ -42,12 +56,13 @@ async def test_claim_uses_claim_index_with_large_backlog(app: App, plan_cache_mo
     # Rows are locked straight off the ordered index walk, with no sort of the backlog.
     lock_rows = [n for n in nodes if n["Node Type"] == "LockRows"]
     assert lock_rows, scans
-    assert [c["Node Type"] for c in lock_rows[0]["Plans"]] == ["Index Scan"], scans
+    assert _walks(lock_rows[0]["Plans"][0]) == ["Index Scan"] * (1 + partitioned), scans
 
 
-@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+@LAYOUTS
+@PLAN_MODES
 async def test_a_keys_due_work_is_found_by_a_probe_not_a_scan_of_its_backlog(
-    app: App, plan_cache_mode: str
+    app: App, plan_cache_mode: str, partitioned: bool
 ) -> None:
     # "Does this key have a due job" once bitmap-scanned every waiting job of
     # the key at every claim: cost grew with the key's backlog.
@@ -55,6 +70,7 @@ async def test_a_keys_due_work_is_found_by_a_probe_not_a_scan_of_its_backlog(
     async def hot(ctx: JobContext) -> None:
         return None
 
+    await _second_partition(app, partitioned)
     await app.enqueue_many([hot.job() for _ in range(20_000)])
     async with app.db.connection() as conn:
         await conn.execute("ANALYZE conveyor.jobs")
@@ -93,9 +109,10 @@ async def test_a_worker_connection_plans_the_claim_once_then_reuses_the_generic_
     assert (claim["custom_plans"], claim["generic_plans"]) == (5, 10), claim
 
 
-@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+@LAYOUTS
+@PLAN_MODES
 async def test_an_outcome_batch_probes_the_primary_key_per_outcome(
-    app: App, plan_cache_mode: str
+    app: App, plan_cache_mode: str, partitioned: bool
 ) -> None:
     # Statistics taken while nothing ran make "running" look empty: the outcome
     # write once hashed every running job (or walked them all in jobs_lease_idx)
@@ -104,6 +121,7 @@ async def test_an_outcome_batch_probes_the_primary_key_per_outcome(
     async def noop(ctx: JobContext) -> None:
         return None
 
+    await _second_partition(app, partitioned)
     await app.enqueue_many([noop.job() for _ in range(5_000)])
     async with app.db.connection() as conn:
         await conn.execute("ANALYZE conveyor.jobs")
@@ -112,26 +130,33 @@ async def test_an_outcome_batch_probes_the_primary_key_per_outcome(
             "lease_expires_at = now() + interval '1 minute' WHERE id % 2 = 0"
         )
         await _plan_with(conn, plan_cache_mode)
-        nodes = await plan_nodes(
-            app.db,
-            conn,
-            "job_finish_many",
-            {
-                "id": [2, 4, 6],
-                "token": [2, 4, 6],
-                "state": ["succeeded"] * 3,
-                "result": ["null"] * 3,
-                "error": [None] * 3,
-                "retry_in_s": [0.0] * 3,
-                "refund": [False] * 3,
-                "channel": "conveyor.jobs",
-            },
+        nodes = await plan_nodes(app.db, conn, "job_finish_many", _outcomes([2, 4, 6]))
+    assert _outcome_reads(nodes) == [("Index Scan", "_pkey")] * (1 + partitioned), nodes
+
+
+@PLAN_MODES
+async def test_an_outcome_batch_probes_by_id_on_a_table_never_analyzed(
+    app: App, plan_cache_mode: str
+) -> None:
+    # A worker's session plans the outcome write once, often before the table
+    # was ever analyzed. Only a unique index on id alone tells the planner then
+    # that each outcome matches one row; with the key (id, task) it hashed the
+    # outcomes and read the whole table for every batch.
+    @app.task(name="noop")
+    async def noop(ctx: JobContext) -> None:
+        return None
+
+    async with app.db.connection() as conn:
+        await conn.execute("ALTER TABLE conveyor.jobs_default SET (autovacuum_enabled = off)")
+    await app.enqueue_many([noop.job() for _ in range(5_000)])
+    async with app.db.connection() as conn:
+        await conn.execute(
+            "UPDATE conveyor.jobs SET state = 'running', lease_token = id, "
+            "lease_expires_at = now() + interval '1 minute' WHERE id % 2 = 0"
         )
-    reads = [
-        n for n in nodes if n.get("Relation Name") == "jobs" and n["Node Type"] != "ModifyTable"
-    ]
-    scans = [(n["Node Type"], n.get("Index Name")) for n in reads]
-    assert scans == [("Index Scan", "jobs_pkey")], scans
+        await _plan_with(conn, plan_cache_mode)
+        nodes = await plan_nodes(app.db, conn, "job_finish_many", _outcomes([2, 4, 6]))
+    assert _outcome_reads(nodes) == [("Index Scan", "_pkey")], nodes
 
 
 async def test_conveyor_sessions_never_jit_compile(app: App) -> None:
@@ -147,3 +172,52 @@ async def test_conveyor_sessions_never_jit_compile(app: App) -> None:
 async def _plan_with(conn: psycopg.AsyncConnection[Any], plan_cache_mode: str) -> None:
     """Make the session plan with `plan_cache_mode` (custom or generic plans)."""
     await conn.execute(sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(plan_cache_mode)))
+
+
+async def _second_partition(app: App, partitioned: bool) -> None:
+    """With `partitioned`, give another task a partition of its own holding as
+    many jobs as the test's task will have waiting."""
+    if not partitioned:
+        return
+
+    @app.task(name="other")
+    async def other(ctx: JobContext) -> None:
+        return None
+
+    await app.partitions.create("other")
+    await app.enqueue_many([other.job() for _ in range(20_000)])
+
+
+def _walks(node: dict[str, Any]) -> list[str]:
+    """The scans feeding `node` in order: itself, or the children of an ordered
+    merge of partitions (a plain Append or a Sort would not keep the walk's order)."""
+    if node["Node Type"] == "Merge Append":
+        return [child["Node Type"] for child in node["Plans"]]
+    return [node["Node Type"]]
+
+
+def _outcomes(ids: list[int]) -> dict[str, Any]:
+    """Parameters of an outcome batch: jobs `ids` succeeded, each with its id as token."""
+    return {
+        "id": ids,
+        "token": ids,
+        "state": ["succeeded"] * len(ids),
+        "result": ["null"] * len(ids),
+        "error": [None] * len(ids),
+        "retry_in_s": [0.0] * len(ids),
+        "refund": [False] * len(ids),
+        "channel": "conveyor.jobs",
+    }
+
+
+def _outcome_reads(nodes: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """How an outcome write reads the jobs it updates: (scan, index name suffix).
+    Each partition has its own primary key on id, named after the partition."""
+    reads = [
+        n for n in nodes if n.get("Relation Name") == "jobs" and n["Node Type"] != "ModifyTable"
+    ]
+    names = [str(n.get("Index Name")) for n in reads]
+    return [
+        (n["Node Type"], "_pkey" if name.endswith("_pkey") else name)
+        for n, name in zip(reads, names, strict=True)
+    ]

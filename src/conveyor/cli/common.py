@@ -46,3 +46,20 @@ def app_from_options(database_url: str | None, schema: str | None) -> App:
         return App(config=Config.from_env(database_url=database_url, schema=schema))
     except ConveyorError as exc:
         raise fail(exc) from None
+
+
+def run_on_app(
+    database_url: str | None,
+    schema: str | None,
+    action: Callable[[App], Coroutine[Any, Any, T]],
+) -> T:
+    """Run `action` on a task-less App for these options, closing it afterwards."""
+    app = app_from_options(database_url, schema)
+
+    async def act() -> T:
+        try:
+            return await action(app)
+        finally:
+            await app.close()
+
+    return run(act)

@@ -29,6 +29,7 @@ from conveyor.cli.common import (
     run,
 )
 from conveyor.cli.loader import load_app
+from conveyor.cli.partitions import partitions_cli
 from conveyor.cli.runs import runs_cli
 from conveyor.config import WorkerConfig
 from conveyor.errors import ConveyorError
@@ -44,6 +45,7 @@ cli = typer.Typer(
     add_completion=False,
 )
 cli.add_typer(runs_cli, name="runs")
+cli.add_typer(partitions_cli, name="partitions")
 cli.command()(bench)
 STATE_ORDER = [s.value for s in JobState]
 

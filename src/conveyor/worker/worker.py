@@ -209,11 +209,13 @@ class Worker:
             await self.stop()
 
     async def start(self) -> None:
-        """Check the schema, register, and start every component."""
+        """Check the schema, create the partitions its tasks ask for, register, and
+        start every component."""
         if self._started:
             return
         self._started = True
         await asyncio.to_thread(self.app.check_schema)
+        await self.app.partitions.sync()
         await self._register()
         self._control.start()
         self._completer.start()
