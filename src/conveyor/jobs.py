@@ -192,6 +192,9 @@ class KeyStats(RowRecord):
     rate_period_s: float | None = None
     rate_window_start: datetime | None = None
     rate_window_count: int = 0
+    served_at: datetime | None = None
+    """When jobs of the key last started (its creation until then): claims
+    take keys with room least recently served first."""
 
 
 @dataclass(frozen=True, kw_only=True)

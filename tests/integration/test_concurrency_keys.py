@@ -446,6 +446,45 @@ async def test_one_claim_cuts_a_keys_tail_but_never_takes_a_later_job_first(app:
     assert stats[("default", "keyed")]["running"] == 3
 
 
+async def test_keys_are_served_least_recently_started_first_whatever_was_enqueued_since(
+    app: App,
+) -> None:
+    # The claim's key order is the last start of a job of the key (served_at),
+    # which only a claim moves: an enqueue or an outcome leaves it, so the key
+    # row's other updates are HOT and a busy key cannot jump the line by
+    # receiving more work.
+    @app.task(name="keyed", concurrency_limit=1, concurrency_key="{k}")
+    async def keyed(ctx: JobContext, k: str) -> None: ...
+
+    async def claim_one() -> dict[str, Any]:
+        (row,) = await app.db.fetch(
+            "claim",
+            "job_claim_many",
+            {"queues": ["default"], "limit": 1, "worker_id": "w", "lease_s": 30.0},
+        )
+        return row
+
+    a1 = await keyed.enqueue(k="a")
+    b1 = await keyed.enqueue(k="b")
+    first = await claim_one()
+    assert first["id"] == a1.id  # neither served yet: the older key first
+    await app.db.fetch(
+        "finish",
+        "job_finish_many",
+        {
+            "id": [first["id"]], "token": [first["lease_token"]], "state": ["succeeded"],
+            "result": ["null"], "error": [None], "retry_in_s": [0.0], "refund": [False],
+            "channel": "conveyor.jobs",
+        },
+    )  # fmt: skip
+    await keyed.enqueue(k="a")
+    await keyed.enqueue(k="b")  # b changed last, but was never served
+    assert (await claim_one())["id"] == b1.id
+    keys = {k.key: k for k in await app.keys()}
+    assert keys["a"].served_at is not None and keys["b"].served_at is not None
+    assert keys["a"].served_at < keys["b"].served_at
+
+
 async def test_first_enqueue_sets_the_limit_per_queue_and_enqueue_never_overrides_it(
     app: App,
 ) -> None:

@@ -116,36 +116,44 @@ free_keys AS (
     -- key row makes this claimer the only one starting jobs of that key, so the
     -- running count read here cannot go stale before this statement commits.
     -- A key's room is the lesser of its concurrency and its rate budget.
-    SELECT queue, key,
-           least(concurrency_limit - running,
-                 conveyor.rate_room(rate_limit, rate_period_s, rate_window_start,
-                                    rate_window_count)) AS free
-    FROM conveyor.concurrency_keys
-    WHERE queue = ANY((SELECT %(queues)s::text[])::text[])
-      AND waiting > 0
-      AND running < concurrency_limit
-      AND conveyor.rate_room(rate_limit, rate_period_s, rate_window_start,
-                             rate_window_count) > 0
-      -- Only keys with a due job: keys whose jobs all wait for a delay or a
-      -- window must not use up the LIMIT and starve keys with work to do.
-      -- OFFSET 0 keeps this a per-key probe that stops at the first due job;
-      -- as a semi-join the planner bitmap-scanned every due job of the key
-      -- (200,000 waiting on one key: 3.4 ms per claim, growing with the backlog).
-      -- ORDER BY run_at keeps it a probe on the partitioned table: there the
-      -- planner weighs an unordered scan of the partitions by its total cost
-      -- (a bitmap scan again), an ordered one by the cost of its first row.
-      AND EXISTS (
-          SELECT 1 FROM conveyor.jobs AS j
-          WHERE j.queue = concurrency_keys.queue
-            AND j.concurrency_key = concurrency_keys.key
-            AND j.state IN ('scheduled', 'available')
-            AND j.run_at <= (SELECT conveyor.now())
-            AND conveyor.in_window((SELECT conveyor.now()), j.window_start, j.window_end, j.window_tz)
-          ORDER BY j.run_at OFFSET 0
-      )
-    ORDER BY updated_at
-    LIMIT (SELECT %(limit)s::integer)
-    FOR UPDATE SKIP LOCKED
+    -- Per queue, an ordered walk of concurrency_keys_waiting_idx that stops
+    -- after `limit` keys, as for unkeyed jobs: not every key with work is
+    -- probed for a due job and sorted at every claim.
+    SELECT picked.*
+    FROM unnest((SELECT %(queues)s::text[])) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT queue, key,
+               least(concurrency_limit - running,
+                     conveyor.rate_room(rate_limit, rate_period_s, rate_window_start,
+                                        rate_window_count)) AS free
+        FROM conveyor.concurrency_keys
+        WHERE queue = q.name
+          AND waiting > 0
+          AND running < concurrency_limit
+          AND conveyor.rate_room(rate_limit, rate_period_s, rate_window_start,
+                                 rate_window_count) > 0
+          -- Only keys with a due job: keys whose jobs all wait for a delay or a
+          -- window must not use up the LIMIT and starve keys with work to do.
+          -- OFFSET 0 keeps this a per-key probe that stops at the first due job;
+          -- as a semi-join the planner bitmap-scanned every due job of the key
+          -- (200,000 waiting on one key: 3.4 ms per claim, growing with the
+          -- backlog). ORDER BY run_at keeps it a probe on the partitioned table:
+          -- there the planner weighs an unordered scan of the partitions by its
+          -- total cost (a bitmap scan again), an ordered one by its first row's.
+          AND EXISTS (
+              SELECT 1 FROM conveyor.jobs AS j
+              WHERE j.queue = concurrency_keys.queue
+                AND j.concurrency_key = concurrency_keys.key
+                AND j.state IN ('scheduled', 'available')
+                AND j.run_at <= (SELECT conveyor.now())
+                AND conveyor.in_window((SELECT conveyor.now()), j.window_start, j.window_end,
+                                       j.window_tz)
+              ORDER BY j.run_at OFFSET 0
+          )
+        ORDER BY served_at
+        LIMIT (SELECT %(limit)s::integer)
+        FOR UPDATE SKIP LOCKED
+    ) AS picked
 ),
 keyed AS (
     -- The first `free` due jobs of each key, by id. Under the key lock no other
