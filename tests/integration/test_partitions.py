@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -12,7 +12,7 @@ import pytest
 from conveyor import App, JobContext, Worker, WorkerConfig
 from conveyor.errors import ConfigError, InvalidArguments
 from conveyor.migrations.migrator import available_migrations, migrate
-from conveyor.testing import drain
+from conveyor.testing import advance_time, drain, freeze_time
 from tests.integration.conftest import QueryDb
 
 JOBS_CHANNEL = "conveyor.jobs"
@@ -268,3 +268,45 @@ async def test_upgrading_keeps_every_job_and_its_id_sequence(
         assert [j.state for j in done] == ["succeeded"] * 6
     finally:
         await app.close()
+
+
+async def test_retention_prunes_a_partitioned_tasks_history_like_any_other(
+    app: App, query_db: QueryDb
+) -> None:
+    _register(app, partition=True)
+    await app.partitions.sync()
+    await freeze_time(app, datetime(2031, 1, 1, tzinfo=UTC))
+    await _enqueue_mix(app)
+    await drain(app, WorkerConfig(poll_interval=timedelta(milliseconds=50)))
+    stats_before = await app.queue_stats()
+
+    await advance_time(app, timedelta(hours=2))
+    report = await app.prune(older_than=timedelta(hours=1))
+
+    assert report.jobs == 12
+    # Only the delayed job is left, in its task's partition; the totals stay.
+    assert [(h, n) for h, n in (await _homes(query_db)).items()] == [
+        ("hot", {f"conveyor.{(await _tables(app))['hot']}"})
+    ]
+    after = (await app.queue_stats())[0]
+    assert after.total_succeeded == stats_before[0].total_succeeded == 12
+
+
+@pytest.mark.parametrize("name", ['it\'s "quoted"', "ünïcode.任务", "UPPER.Case", "a" * 1_000])
+async def test_any_task_name_gets_a_partition_its_jobs_are_routed_to(
+    app: App, query_db: QueryDb, name: str
+) -> None:
+    @app.task(name=name)
+    async def odd(ctx: JobContext) -> None:
+        return None
+
+    table = await app.partitions.create(name)
+    assert len(table.encode()) <= 63
+    await odd.enqueue()
+    assert await _homes(query_db) == {name: {f"conveyor.{table}"}}
+    assert await app.partitions.remove(name)
+    assert await _homes(query_db) == {name: {"conveyor.jobs_default"}}
+
+
+async def _tables(app: App) -> dict[str, str]:
+    return {p.task: p.table_name for p in await app.partitions.all()}
