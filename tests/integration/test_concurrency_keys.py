@@ -885,5 +885,15 @@ async def test_claim_walks_both_claim_indexes_with_a_large_keyed_backlog(app: Ap
     ]
     assert sorted(c["Index Name"] for c in job_locks) == ["jobs_claim_idx", "jobs_claim_keyed_idx"]
     assert {c["Node Type"] for c in job_locks} == {"Index Scan"}
+    # Keys are walked in service order per queue and the walk stops after the
+    # limit: an ordered index scan, never a scan and sort of every key with work.
+    key_locks = [
+        n["Plans"][0]
+        for n in nodes
+        if n["Node Type"] == "LockRows" and n["Plans"][0].get("Relation Name") == "concurrency_keys"
+    ]
+    assert [(c["Node Type"], c["Index Name"]) for c in key_locks] == [
+        ("Index Scan", "concurrency_keys_waiting_idx")
+    ], scans
     stats = await assert_counts_match(app)
     assert len(stats) == 100
