@@ -17,8 +17,8 @@ await app.partitions.remove("reports.render")   # its jobs go back to the defaul
 ```
 
 Creating or removing a partition moves the task's existing jobs, whatever
-their state, in one transaction that holds the partitions involved
-exclusively: claims, enqueues and outcome writes wait for it, none fails. Ids,
+their state, in one transaction that holds `jobs` exclusively: claims,
+enqueues, outcome writes and reads wait for it, none fails. Ids,
 leases and fencing tokens move with the rows, so a job running during the
 move finishes normally. Nothing else changes: counts, keys, runs and
 notifications see no job come or go.
