@@ -138,3 +138,47 @@ async def _quiet(worker: Worker) -> None:
         await asyncio.sleep(QUIET_S)
         if worker.claims == claims:
             return
+
+
+async def test_back_to_back_claims_keep_one_connection_and_give_it_back_when_idle(
+    app: App,
+) -> None:
+    # Borrowing and returning a pooled connection per claim was a tenth of a
+    # short claim's round trip. While claims come back full, the producer keeps
+    # one; once the queue is drained, the pool has every connection again.
+    @app.task(name="noop")
+    async def noop(ctx: JobContext) -> None:
+        return None
+
+    await app.enqueue_many(noop.job() for _ in range(2_000))
+    pool = await app.db.pool()
+    before = pool.get_stats().get("requests_num", 0)
+    worker = Worker(app, WorkerConfig(concurrency=10, poll_interval=timedelta(seconds=60)))
+    await worker.start()
+    try:
+        await wait_until(lambda: _succeeded(worker, 2_000), "every job ran")
+        requests = pool.get_stats().get("requests_num", 0) - before
+        assert worker.claims >= 200
+        # Outcome batches, heartbeats and registration borrow; the claims did not.
+        assert requests < worker.claims / 2, (requests, worker.claims)
+        await wait_until(lambda: _all_free(app), "the producer gave its connection back")
+    finally:
+        await worker.stop()
+
+
+async def _succeeded(worker: Worker, n: int) -> bool:
+    return worker.stats.succeeded >= n
+
+
+async def _all_free(app: App) -> bool:
+    """Every connection of the pool can be borrowed at once, right now."""
+    held = []
+    try:
+        for _ in range(app.config.pool_size):
+            held.append(await asyncio.wait_for(app.db.hold("probe"), 0.2))
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        for conn in held:
+            await app.db.release(conn)

@@ -52,21 +52,32 @@ async def run_to_end(coro: Coroutine[Any, Any, T]) -> T:
     return await asyncio.shield(_spawn(coro))
 
 
+async def take(pool: AsyncConnectionPool[Any], timeout: float | None = None) -> Any:
+    """A connection from `pool`, to hand back with `give_back`. A caller cancelled
+    while waiting loses nothing: the connection, when it comes, goes back."""
+    getting = _spawn(pool.getconn(timeout))
+    try:
+        return await asyncio.shield(getting)
+    except asyncio.CancelledError:
+        getting.add_done_callback(lambda got: _give_back(pool, got))
+        raise
+
+
+async def give_back(pool: AsyncConnectionPool[Any], conn: Any) -> None:
+    """Return `conn` to `pool`, even if the caller is cancelled meanwhile."""
+    await asyncio.shield(_spawn(pool.putconn(conn)))
+
+
 @asynccontextmanager
 async def borrowed(
     pool: AsyncConnectionPool[Any], timeout: float | None = None
 ) -> AsyncIterator[Any]:
     """A connection from `pool`, returned to it however the block ends."""
-    getting = _spawn(pool.getconn(timeout))
-    try:
-        conn = await asyncio.shield(getting)
-    except asyncio.CancelledError:
-        getting.add_done_callback(lambda got: _give_back(pool, got))
-        raise
+    conn = await take(pool, timeout)
     try:
         yield conn
     finally:
-        await asyncio.shield(_spawn(pool.putconn(conn)))
+        await give_back(pool, conn)
 
 
 def _give_back(pool: AsyncConnectionPool[Any], got: asyncio.Task[Any]) -> None:
