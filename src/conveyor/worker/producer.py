@@ -9,9 +9,9 @@ catch-up request or the poll interval.
 
 While it claims back to back it keeps one pooled connection for its claims
 (if the pool has two more for everything else), and gives it back when it
-waits for work. Borrowing and returning a connection per
-claim was a tenth of a short claim's round trip, and that round trip is what
-bounds a worker at low concurrency.
+waits for work. Borrowing and returning a connection per claim was a tenth
+of a short claim's round trip, and that round trip is what bounds a worker
+at low concurrency.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Producer(BackgroundService):
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = False
-        self._held: psycopg.AsyncConnection[Row] | None = None
+        self._claim_conn: psycopg.AsyncConnection[Row] | None = None
         self._may_hold = db.config.pool_size >= HOLD_MIN_POOL_SIZE
         self.claims = 0
 
@@ -141,9 +141,9 @@ class Producer(BackgroundService):
 
     async def _let_go(self) -> None:
         """Give the claims' connection back to the pool, if one is kept."""
-        held, self._held = self._held, None
-        if held is not None:
-            await self._db.release(held)
+        conn, self._claim_conn = self._claim_conn, None
+        if conn is not None:
+            await self._db.release(conn)
 
     async def _release_unheld(self) -> None:
         """A failed claim may still have committed: hand back what we do not hold."""
@@ -173,11 +173,12 @@ class Producer(BackgroundService):
             "lease_s": self._config.lease_duration.total_seconds(),
         }
         if self._may_hold:
-            if self._held is None:
-                self._held = await self._db.hold("claim jobs")
+            if self._claim_conn is None:
+                self._claim_conn = await self._db.hold("claim jobs")
+            conn = self._claim_conn
             try:
                 # Never re-sent (a statement on a given connection is not retried).
-                rows = await self._db.fetch("claim jobs", "job_claim_many", params, conn=self._held)
+                rows = await self._db.fetch("claim jobs", "job_claim_many", params, conn=conn)
             except DatabaseError:
                 await self._let_go()  # perhaps broken: the pool checks it
                 raise
