@@ -22,6 +22,7 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,49}$")
 
 ENV_DATABASE_URL = "CONVEYOR_DATABASE_URL"
 ENV_SCHEMA = "CONVEYOR_SCHEMA"
+ENV_SESSION_URL = "CONVEYOR_SESSION_URL"
 
 DEFAULT_SCHEMA = "conveyor"
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -47,6 +48,10 @@ class Config:
     prepare_threshold: int | None = 5
     """Executions before psycopg prepares a statement server-side; None disables
     (for PgBouncer < 1.21 in transaction mode)."""
+    session_url: str | None = None
+    """A direct (or session-pooled) URL of the same database for a worker's control
+    session, when `database_url` leads through a transaction-mode pooler: LISTEN
+    needs a session of its own. None: `database_url`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.schema, str) or not _SCHEMA_NAME.fullmatch(self.schema):
@@ -62,12 +67,15 @@ class Config:
 
     @classmethod
     def from_env(cls, **overrides: object) -> Config:
-        """Build a Config from `CONVEYOR_DATABASE_URL` / `CONVEYOR_SCHEMA`, then `overrides`."""
+        """Build a Config from `CONVEYOR_DATABASE_URL` / `CONVEYOR_SCHEMA` /
+        `CONVEYOR_SESSION_URL`, then `overrides`."""
         values: dict[str, object] = {}
         if url := os.environ.get(ENV_DATABASE_URL):
             values["database_url"] = url
         if schema := os.environ.get(ENV_SCHEMA):
             values["schema"] = schema
+        if session_url := os.environ.get(ENV_SESSION_URL):
+            values["session_url"] = session_url
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 

@@ -15,7 +15,7 @@ ConveyorError
  +-- NotInRun               `ctx.run` used by a job that is not a pipeline step
  +-- LeaseLost              a fenced write by an attempt that no longer holds its job
  +-- CounterLimitExceeded   `ctx.run.incr` went past its ceiling (fails the step for good)
- +-- LockError              a lock used wrongly (pooler, no transaction, not acquired)
+ +-- LockError              a lock used wrongly (bad key, no transaction, not acquired)
  |    +-- LockNotOwned      release/extend by someone who does not hold the lock
  |    +-- LockLost          a held lock went away (TTL expired, connection lost)
  |    +-- LockTimeout       `async with lock:` could not acquire within its timeout

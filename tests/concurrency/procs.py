@@ -13,7 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -136,10 +137,12 @@ def start_worker(
     env: Mapping[str, str] | None = None,
     queues: Sequence[str] | None = None,
     pool_size: int | None = None,
+    pooled: bool = False,
 ) -> WorkerProcess:
     """Start `tests.concurrency.worker_main` on `database_url`; files go to `workdir`;
     `env` adds environment variables (read by the sample tasks); `queues` and
-    `pool_size` default to the worker's and the App's configuration."""
+    `pool_size` default to the worker's and the App's configuration; `pooled`
+    when `database_url` leads through a transaction-mode pooler."""
     workdir.mkdir(parents=True, exist_ok=True)
     paths = {kind: workdir / f"{name}.{kind}" for kind in ("log", "ready", "stopping", "stats")}
     for path in paths.values():
@@ -169,6 +172,7 @@ def start_worker(
         *([] if run_rescuer else ["--no-rescuer"]),
         *([] if queues is None else [f"--queues={','.join(queues)}"]),
         *([] if pool_size is None else [f"--pool-size={pool_size}"]),
+        *(["--pooled"] if pooled else []),
     ]
     with paths["log"].open("wb") as log:
         popen = subprocess.Popen(
@@ -182,6 +186,27 @@ def start_worker(
         stopping_path=paths["stopping"],
         stats_path=paths["stats"],
     )
+
+
+@contextmanager
+def worker_launcher(database_url: str, workdir: Path, **fixed: Any) -> Iterator[StartWorker]:
+    """A `StartWorker` for `database_url` (each worker also gets the `fixed` options).
+    On exit every worker still running is killed and every worker's log is
+    printed (pytest shows it when the test failed)."""
+    started: list[WorkerProcess] = []
+
+    def launch(name: str, **options: Any) -> WorkerProcess:
+        proc = start_worker(database_url, workdir, name, **fixed, **options)
+        started.append(proc)
+        return proc
+
+    try:
+        yield launch
+    finally:
+        for proc in started:
+            proc.kill()
+            print(f"--- worker {proc.name} (pid {proc.pid}, exit {proc.popen.returncode}):")
+            print(proc.log())
 
 
 async def wait_until(

@@ -7,6 +7,7 @@ sides agree on names without depending on module paths.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -69,10 +70,13 @@ ever (peak), counted by the tasks themselves in autocommit statements."""
 TASK_POLL_S = 0.02
 
 
-def build_app(database_url: str, *, pool_size: int | None = None) -> App:
+def build_app(database_url: str, *, pool_size: int | None = None, pooled: bool = False) -> App:
     """An App on `database_url` with the sample tasks and pipelines registered;
-    `pool_size` overrides the configured pool size."""
-    config = None if pool_size is None else Config.from_env(pool_size=pool_size)
+    `pool_size` overrides the configured pool size; `pooled` means the URL
+    leads through a transaction-mode pooler that keeps no prepared statements."""
+    config = Config.from_env(pool_size=pool_size)
+    if pooled:
+        config = dataclasses.replace(config, prepare_threshold=None)
     app = App(database_url, schema=SCHEMA, config=config)
 
     @app.task(name=QUICK)

@@ -48,6 +48,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--pool-size", type=int, default=None, help="the App's pool size (default: Config's)"
     )
+    parser.add_argument(
+        "--pooled",
+        action="store_true",
+        help="the URL leads through a transaction-mode pooler: no LISTEN, no prepared statements",
+    )
     return parser.parse_args(argv)
 
 
@@ -66,7 +71,9 @@ async def _ready(worker: Worker) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    app = build_app(os.environ["CONVEYOR_DATABASE_URL"], pool_size=args.pool_size)
+    app = build_app(
+        os.environ["CONVEYOR_DATABASE_URL"], pool_size=args.pool_size, pooled=args.pooled
+    )
     config = WorkerConfig(
         concurrency=args.concurrency,
         poll_interval=timedelta(seconds=args.poll_interval),
@@ -75,6 +82,7 @@ async def _serve(args: argparse.Namespace) -> None:
         heartbeat_interval=timedelta(seconds=args.heartbeat_interval),
         rescue_interval=timedelta(seconds=args.rescue_interval),
         run_rescuer=args.run_rescuer,
+        listen=not args.pooled,
     )
     if args.queues is not None:
         config = dataclasses.replace(config, queues=tuple(args.queues.split(",")))

@@ -485,3 +485,18 @@ def test_bad_durations_and_keys_are_typed_errors(app: App) -> None:
             app.lock("k", timeout=timeout)  # type: ignore[arg-type]
     with pytest.raises(LockError, match="UTF-8"):
         app.lock("bad \udcff key")
+
+
+async def test_a_held_lock_holds_back_no_vacuum_horizon_and_no_transaction_id(
+    advisory_lock: AdvisoryFactory, database_url: str
+) -> None:
+    """The lock lives in a transaction kept open; between its statements that
+    transaction must keep no snapshot (vacuum could not clean up behind it) and
+    have no transaction id."""
+    lock = advisory_lock("horizon")
+    query = "SELECT state, backend_xid, backend_xmin FROM pg_stat_activity WHERE pid = %s"
+    async with lock:
+        idle = [("idle in transaction", None, None)]
+        assert await execute(database_url, query, (lock.pid,)) == idle
+        await lock.extend()
+        assert await execute(database_url, query, (lock.pid,)) == idle

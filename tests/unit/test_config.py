@@ -7,7 +7,13 @@ from datetime import timedelta
 import pytest
 
 from conveyor import Config, ConfigError, WorkerConfig
-from conveyor.config import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_SCHEMA, ENV_DATABASE_URL, ENV_SCHEMA
+from conveyor.config import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_SCHEMA,
+    ENV_DATABASE_URL,
+    ENV_SCHEMA,
+    ENV_SESSION_URL,
+)
 
 
 def test_config_defaults_are_valid() -> None:
@@ -126,23 +132,25 @@ def test_worker_config_allows_zero_shutdown_grace() -> None:
     assert WorkerConfig(shutdown_grace=timedelta(0)).shutdown_grace == timedelta(0)
 
 
-def test_from_env_reads_url_and_schema(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENV_DATABASE_URL, "postgresql://env.example/jobs")
+def test_from_env_reads_url_schema_and_session_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_DATABASE_URL, "postgresql://env.example:6432/jobs")
     monkeypatch.setenv(ENV_SCHEMA, "from_env")
+    monkeypatch.setenv(ENV_SESSION_URL, "postgresql://env.example:5432/jobs")
     config = Config.from_env()
-    assert config.database_url == "postgresql://env.example/jobs"
+    assert config.database_url == "postgresql://env.example:6432/jobs"
     assert config.schema == "from_env"
+    assert config.session_url == "postgresql://env.example:5432/jobs"
 
 
 def test_from_env_without_variables_gives_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_DATABASE_URL, raising=False)
-    monkeypatch.delenv(ENV_SCHEMA, raising=False)
+    for name in (ENV_DATABASE_URL, ENV_SCHEMA, ENV_SESSION_URL):
+        monkeypatch.delenv(name, raising=False)
     assert Config.from_env() == Config()
 
 
 def test_from_env_treats_empty_variables_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENV_DATABASE_URL, "")
-    monkeypatch.setenv(ENV_SCHEMA, "")
+    for name in (ENV_DATABASE_URL, ENV_SCHEMA, ENV_SESSION_URL):
+        monkeypatch.setenv(name, "")
     assert Config.from_env() == Config()
 
 

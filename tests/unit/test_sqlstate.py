@@ -108,3 +108,21 @@ def test_to_database_error_without_sqlstate_or_message() -> None:
     assert isinstance(error, TransientDatabaseError)
     assert error.sqlstate is None
     assert str(error) == "read clock failed: OperationalError"
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("26000", 'prepared statement "_pg3_3" does not exist'),
+        ("42P05", 'prepared statement "_pg3_0" already exists'),
+    ],
+)
+def test_a_prepared_statement_lost_to_a_pooler_names_the_fix(code: str, message: str) -> None:
+    error = to_database_error("claim jobs", postgres_error(code, message), exhausted=False)
+    assert "prepare_threshold=None" in str(error)
+    assert "max_prepared_statements" in str(error)
+
+
+def test_a_missing_prepared_statement_of_the_users_own_gets_no_pooler_hint() -> None:
+    error = postgres_error("26000", 'prepared statement "mine" does not exist')
+    assert "pooler" not in str(to_database_error("run", error, exhausted=False))

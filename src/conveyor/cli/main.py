@@ -79,6 +79,14 @@ def worker(
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs run at once.")] = 10,
     poll_interval: Annotated[float, typer.Option(help="Fallback poll, seconds.")] = 1.0,
     shutdown_grace: Annotated[float, typer.Option(help="Grace on stop, seconds.")] = 10.0,
+    listen: Annotated[
+        bool,
+        typer.Option(
+            "--listen/--no-listen",
+            help="LISTEN for wake-ups; --no-listen behind a transaction-mode pooler "
+            "when CONVEYOR_SESSION_URL gives no direct connection.",
+        ),
+    ] = True,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
 ) -> None:
     """Run a worker until SIGINT/SIGTERM, then shut down gracefully."""
@@ -90,6 +98,7 @@ def worker(
             concurrency=concurrency,
             poll_interval=timedelta(seconds=poll_interval),
             shutdown_grace=timedelta(seconds=shutdown_grace),
+            listen=listen,
         )
     except ConveyorError as exc:
         raise fail(exc) from None

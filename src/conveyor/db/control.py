@@ -1,6 +1,7 @@
 """The control session: one dedicated connection per worker for LISTEN and the heartbeat.
 
-LISTEN needs a session (a transaction-mode pooler cannot give one), and the
+LISTEN needs a session (a transaction-mode pooler cannot give one: behind one,
+`Config.session_url` points this connection past it), and the
 heartbeat must never wait behind job work for a pooled connection, or a busy
 worker would lose its own leases. Both live on this connection: between
 heartbeats it waits for notifications. When the connection breaks it
@@ -97,9 +98,11 @@ class ControlSession(BackgroundService):
             failures = 0
 
     async def _session(self, *, announce: bool) -> None:
-        conninfo = await asyncio.to_thread(lambda: self._db.conninfo)
+        conninfo = await asyncio.to_thread(lambda: self._db.session_conninfo)
         conn = await psycopg.AsyncConnection.connect(
-            conninfo, autocommit=True, **self._db.connect_kwargs("conveyor-control")
+            conninfo,
+            autocommit=True,
+            **self._db.connect_kwargs("conveyor-control", conninfo=conninfo),
         )
         self._conn = conn
         try:

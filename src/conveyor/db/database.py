@@ -76,10 +76,18 @@ class Database:
         """The schema conveyor's tables live in."""
         return self.config.schema
 
-    def connect_kwargs(self, application_name: str = "conveyor") -> dict[str, Any]:
-        """Keyword arguments for a dedicated connection (the control session, locks)."""
+    @property
+    def session_conninfo(self) -> str:
+        """The URL for a worker's control session: `Config.session_url`, else `conninfo`."""
+        return self.config.session_url or self.conninfo
+
+    def connect_kwargs(
+        self, application_name: str = "conveyor", *, conninfo: str | None = None
+    ) -> dict[str, Any]:
+        """Keyword arguments for a dedicated connection (the control session, locks)
+        to `conninfo` (default: `self.conninfo`)."""
         return connection_kwargs(
-            self.config, conninfo=self.conninfo, application_name=application_name
+            self.config, conninfo=conninfo or self.conninfo, application_name=application_name
         )
 
     # -- async -------------------------------------------------------------

@@ -37,6 +37,15 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 
+# A prepared statement of ours missing, or one of that name already there: a
+# transaction-mode pooler sharing server sessions between clients that prepare
+# statements (psycopg names them `_pg3_N`).
+_PREPARED_STATEMENT_CODES = frozenset({"26000", "42P05"})
+POOLER_HINT = (
+    "a pooler seems to share server sessions between clients that prepare statements: "
+    "set Config(prepare_threshold=None), or use PgBouncer >= 1.21 with max_prepared_statements"
+)
+
 # 57014 is query_canceled: a statement_timeout we asked for, or a cancel request.
 # It is in class 57 but retrying a statement that timed out usually times out
 # again, so it surfaces at once.
@@ -84,6 +93,8 @@ def to_database_error(purpose: str, exc: BaseException, *, exhausted: bool) -> D
     """
     message = str(exc).strip() or type(exc).__name__
     code = sqlstate_of(exc)
+    if code in _PREPARED_STATEMENT_CODES and '"_pg3_' in message:
+        message = f"{message} ({POOLER_HINT})"
     if exhausted and is_transient(exc):
         return TransientDatabaseError(purpose, message, code)
     return DatabaseError(purpose, message, code)

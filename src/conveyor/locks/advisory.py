@@ -19,12 +19,15 @@ crash, a kill, a network cut). Holding N locks at once takes N connections.
 Advisory locks are re-entrant per session; giving each lock object its own
 session keeps two holders in one process mutually exclusive too.
 
-Session locks need a real session: behind a transaction-mode pooler
-(PgBouncer `pool_mode=transaction`) consecutive statements may run on
-different server sessions, and a lock could be taken on one and "released" on
-another. conveyor checks the backend pid around every acquire and raises
-`LockError` when it changes; use transaction-level locks (`xact_lock`) or a
-direct connection there.
+The lock is taken at transaction level in a transaction that stays open on
+that connection until release. The open transaction is what pins one server
+session to the lock, so the same code is safe behind a transaction-mode pooler
+(PgBouncer `pool_mode=transaction`), which may hand each new transaction to
+another server session but never splits one. It also means a lock cannot
+outlive its holder on a pooled server session: whatever ends the transaction
+(release, a lost client, a pooler closing the server link) ends the lock. The
+transaction takes no snapshot between statements and no transaction id, so it
+holds back neither vacuum nor anyone's writes.
 """
 
 from __future__ import annotations
@@ -122,45 +125,36 @@ class AdvisoryLock(GuardedLock):
             if row is None:
                 await conn.close()
                 return False
-            registered = await self._fetch(conn, "register lock", "lock_register", self._register)
+            # Registered from the pool: rows written in the lock's own transaction
+            # stay invisible to listings until it ends.
+            await self._db.fetch(
+                "register lock", "lock_register", {**self._register, "pid": row["pid"]}
+            )
         except BaseException:
             await conn.close()
             raise
-        if registered[0]["pid"] != row["pid"]:
-            await conn.close()
-            raise LockError(
-                "the advisory lock was taken on one server session and registered on "
-                "another: session locks do not work through a transaction-mode pooler; "
-                "use a direct connection, or xact_lock inside a transaction"
-            )
         self._conn = conn
         self._pid = row["pid"]
-        self._token = registered[0]["token"]
+        self._token = row["token"]
         return True
 
     async def _take(
         self, conn: psycopg.AsyncConnection[Row], timeout_s: float | None
     ) -> Row | None:
-        params = {**self.id.params, "xact": False}
+        params = {**self.id.params, "xact": True}
+        # lock_timeout takes milliseconds as an integer ('0': no limit); round up so
+        # a tiny timeout still waits rather than meaning "no limit".
+        millis = 0 if timeout_s is None else max(1, int(timeout_s * 1000 + 0.999))
+        if millis > LOCK_TIMEOUT_MAX_MS:
+            millis = 0  # past what lock_timeout takes (about 24.8 days): no limit
+        await self._fetch(conn, "open lock transaction", "lock_settings", {"timeout": str(millis)})
         if timeout_s == 0:
             rows = await self._fetch(conn, "try lock", "lock_acquire", {**params, "wait": False})
             return rows[0] if rows[0]["locked"] else None
-        if timeout_s is not None:
-            # lock_timeout takes milliseconds as an integer; round up so a tiny timeout
-            # still waits rather than meaning "no limit" (0).
-            millis = max(1, int(timeout_s * 1000 + 0.999))
-            if millis > LOCK_TIMEOUT_MAX_MS:
-                millis = 0  # past what lock_timeout takes (about 24.8 days): no limit
-            await self._fetch(
-                conn, "set lock timeout", "lock_set_timeout", {"timeout": str(millis)}
-            )
         try:
             rows = await self._fetch(conn, "acquire lock", "lock_acquire", {**params, "wait": True})
         except psycopg.errors.LockNotAvailable:
             return None
-        finally:
-            if timeout_s is not None and not conn.closed:
-                await self._fetch(conn, "reset lock timeout", "lock_set_timeout", {"timeout": "0"})
         return rows[0]
 
     @property
@@ -184,11 +178,10 @@ class AdvisoryLock(GuardedLock):
         if conn is None or not was_held:
             raise LockNotOwned(f"lock {self.describe()} is not held by owner {self.owner}")
         try:
-            rows = await self._fetch(
-                conn, "release lock", "lock_release", {**self.id.params, **self._ids}
-            )
-        except psycopg.OperationalError as exc:
-            raise LockLost(f"lock {self.describe()}: its connection ended ({exc})") from exc
+            rows = await self._fetch(conn, "release lock", "lock_release", self._ids)
+            await conn.commit()
+        except psycopg.Error as exc:
+            raise LockLost(f"lock {self.describe()}: its transaction ended ({exc})") from exc
         finally:
             await conn.close()
         if not rows[0]["released"]:
@@ -201,10 +194,10 @@ class AdvisoryLock(GuardedLock):
         if conn is None or not self._held:
             raise LockNotOwned(f"lock {self.describe()} is not held by owner {self.owner}")
         try:
-            rows = await self._fetch(conn, "check lock", "lock_held_here", self._ids)
-        except psycopg.OperationalError as exc:
+            rows = await self._check(conn, "lock_held_here")
+        except psycopg.Error as exc:
             self._lost = True
-            raise LockLost(f"lock {self.describe()}: its connection ended ({exc})") from exc
+            raise LockLost(f"lock {self.describe()}: its transaction ended ({exc})") from exc
         if not rows[0]["held"]:
             self._lost = True
             raise LockLost(f"lock {self.describe()} is no longer held by its session")
@@ -222,14 +215,21 @@ class AdvisoryLock(GuardedLock):
         while conn is not None and not conn.closed:
             await asyncio.sleep(self._watch_interval)
             try:
-                await conn.execute("SELECT 1")
+                await self._check(conn, "lock_alive")
             except psycopg.Error as exc:
                 if not conn.broken and not conn.closed:
-                    # A cancelled statement (pg_cancel_backend), not a lost session.
+                    # A cancelled statement (pg_cancel_backend), not a lost session:
+                    # the savepoint kept the lock's transaction, and so the lock.
                     log.warning("advisory lock %s: check failed (%s)", self.describe(), exc)
                     continue
                 log.error("advisory lock %s lost: its connection ended (%s)", self.describe(), exc)
                 return
+
+    async def _check(self, conn: psycopg.AsyncConnection[Row], query: str) -> list[Row]:
+        """Run a check inside a savepoint: an error in it (a cancel) rolls back to
+        the savepoint instead of aborting the transaction the lock lives in."""
+        async with conn.transaction():
+            return await self._fetch(conn, "check lock", query, self._ids)
 
     async def _discard(self) -> None:
         await self.close()
@@ -242,8 +242,16 @@ class AdvisoryLock(GuardedLock):
     async def _connect(self) -> psycopg.AsyncConnection[Row]:
         kwargs = self._db.connect_kwargs(application_name=APPLICATION_NAME)
         kwargs["prepare_threshold"] = None
+        # Not autocommit: the first statement opens the transaction the lock lives in.
+        # Client-side binding sends every statement as a simple query, whose portal
+        # (and snapshot) is dropped when it ends; an extended-protocol portal would
+        # stay open, holding back the vacuum horizon for as long as the lock is held.
         return await psycopg.AsyncConnection.connect(
-            self._db.conninfo, autocommit=True, row_factory=dict_row, **kwargs
+            self._db.conninfo,
+            autocommit=False,
+            row_factory=dict_row,
+            cursor_factory=psycopg.AsyncClientCursor,
+            **kwargs,
         )
 
     async def _fetch(

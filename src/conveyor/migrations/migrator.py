@@ -2,7 +2,8 @@
 
 Files are named `NNNN_name.sql`. `migrate` applies the pending ones in order,
 each in its own transaction, all under one advisory lock so concurrent
-migrators (ten workers starting at once) apply each migration exactly once.
+migrators (ten workers starting at once) apply each migration exactly once,
+through a transaction-mode pooler too.
 A recorded checksum that no longer matches its file means someone edited an
 applied migration: that is refused, never silently re-run.
 """
@@ -100,10 +101,18 @@ def _migrate(conninfo: str, schema: str, target: int | None) -> list[int]:
     # The key's id as conveyor.locks computes it (the helper functions of
     # conveyor.locks live in the schema this may be about to create).
     lock_id = advisory_id(_LOCK_NAMESPACE + schema).single
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        # Session lock held across the per-migration transactions; a dropped
-        # connection releases it, so a crashed migrator never blocks the next.
-        conn.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
+    # The lock lives in a transaction kept open on a connection of its own, not
+    # in a session: a session lock taken through a transaction-mode pooler
+    # could be "released" on another server session and stay held forever on
+    # its own; a transaction is never split, and whatever ends it (the end of
+    # this function, a crash, a lost connection) ends the lock. Client-side
+    # binding sends a simple query, which keeps no portal and so no snapshot
+    # open while the migrations run.
+    with (
+        psycopg.connect(conninfo, cursor_factory=psycopg.ClientCursor) as lock_conn,
+        psycopg.connect(conninfo, autocommit=True) as conn,
+    ):
+        lock_conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id,))
         try:
             with conn.transaction():
                 _ensure_bookkeeping(conn, schema)
@@ -114,7 +123,7 @@ def _migrate(conninfo: str, schema: str, target: int | None) -> list[int]:
                     _apply(conn, schema, migration)
                     applied_now.append(migration.version)
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+            lock_conn.rollback()
     return applied_now
 
 

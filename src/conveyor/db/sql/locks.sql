@@ -3,33 +3,48 @@
 -- the same id as pg_locks shows it.
 
 -- name: lock_acquire
--- Take the lock (session- or transaction-level, waiting or not); reports the
--- backend, so a caller can notice a pooler handing it another session.
-SELECT conveyor.advisory_lock(%(single)s, %(a)s, %(b)s, %(wait)s, %(xact)s) AS locked,
-       pg_backend_pid() AS pid;
+-- Take the lock at transaction level (conveyor.locks holds a "session" lock in a
+-- transaction kept open on its own connection), waiting or not; reports the
+-- backend that holds it and, once held, a fencing token (a sequence is not
+-- transactional: the token is drawn even though the transaction stays open).
+WITH taken AS MATERIALIZED (
+    SELECT conveyor.advisory_lock(%(single)s, %(a)s, %(b)s, %(wait)s, %(xact)s) AS locked,
+           pg_backend_pid() AS pid
+)
+SELECT locked, pid, CASE WHEN locked THEN nextval('conveyor.lock_fence_seq') END AS token
+FROM taken;
 
--- name: lock_set_timeout
--- How long the next waiting acquire may wait on this session ('0' = no limit).
-SELECT set_config('lock_timeout', %(timeout)s, false);
+-- name: lock_settings
+-- First statement of the transaction a session lock lives in. Transaction-local
+-- settings: a pooler hands this server session to others afterwards, and
+-- nothing may leak. The lock's transaction is idle between statements by
+-- design, so the server's idle-in-transaction timeout must not end it.
+SELECT set_config('lock_timeout', %(timeout)s, true),
+       set_config('idle_in_transaction_session_timeout', '0', true);
 
 -- name: lock_register
--- After a session acquire: note the key and owner for listings, draw a fencing
--- token, and report the backend again.
+-- After a session acquire, from the app's pool (rows written in the lock's own
+-- transaction stay invisible to listings until it ends): note the key and
+-- owner of the lock backend %(pid)s holds.
 INSERT INTO conveyor.advisory_locks (pid, classid, objid, objsubid, key, owner)
-VALUES (pg_backend_pid(), %(classid)s, %(objid)s, %(objsubid)s, %(key)s, %(owner)s)
+VALUES (%(pid)s, %(classid)s, %(objid)s, %(objsubid)s, %(key)s, %(owner)s)
 ON CONFLICT (pid, classid, objid, objsubid)
-    DO UPDATE SET key = excluded.key, owner = excluded.owner, acquired_at = clock_timestamp()
-RETURNING pid, nextval('conveyor.lock_fence_seq') AS token;
+    DO UPDATE SET key = excluded.key, owner = excluded.owner, acquired_at = clock_timestamp();
 
 -- name: lock_release
--- Release a session lock of this session and forget its registry row; false
--- when this session did not hold it.
+-- In the lock's transaction, just before it commits (which releases the lock):
+-- forget the registry row; false when this session no longer held the lock.
 WITH forgotten AS (
     DELETE FROM conveyor.advisory_locks
     WHERE pid = pg_backend_pid()
       AND classid = %(classid)s AND objid = %(objid)s AND objsubid = %(objsubid)s
 )
-SELECT conveyor.advisory_unlock(%(single)s, %(a)s, %(b)s) AS released;
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+      AND classid::bigint = %(classid)s AND objid::bigint = %(objid)s
+      AND objsubid = %(objsubid)s
+) AS released;
 
 -- name: lock_held_here
 -- Whether this session holds the lock.
@@ -75,3 +90,7 @@ WHERE NOT EXISTS (
       AND l.classid::bigint = r.classid AND l.objid::bigint = r.objid
       AND l.objsubid = r.objsubid
 );
+
+-- name: lock_alive
+-- The watch's look at a held lock's connection: does the session still answer.
+SELECT 1 AS alive;

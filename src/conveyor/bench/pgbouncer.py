@@ -1,0 +1,144 @@
+"""A PgBouncer of our own, in transaction mode, in front of a PostgreSQL server.
+
+The pooler tests and `python -m benchmarks.pgbouncer_check` start one on a
+free port. The binary comes from the system (Debian: `apt-get install
+pgbouncer`); it is not on PyPI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+START_TIMEOUT_S = 10.0
+START_POLL_S = 0.05
+
+_INI = """\
+[databases]
+* = host={host} port={port} user={user}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {listen}
+auth_type = trust
+auth_file = {dir}/users.txt
+pool_mode = transaction
+max_client_conn = 500
+default_pool_size = {pool_size}
+logfile = {dir}/pgbouncer.log
+pidfile = {dir}/pgbouncer.pid
+unix_socket_dir =
+ignore_startup_parameters = extra_float_digits,options,application_name
+"""
+
+
+def pgbouncer_binary() -> str | None:
+    """The path of the `pgbouncer` executable, or None when it is not installed."""
+    found = shutil.which("pgbouncer")
+    if found:
+        return found
+    debian = Path("/usr/sbin/pgbouncer")
+    return str(debian) if debian.exists() else None
+
+
+@dataclass(frozen=True)
+class PgBouncer:
+    """A running PgBouncer: `url(database_url)` reaches the same database through it."""
+
+    port: int
+    version: str
+    log_path: Path
+
+    def url(self, database_url: str) -> str:
+        """`database_url` with host and port replaced by this pooler's."""
+        params = conninfo_to_dict(database_url)
+        params.pop("password", None)
+        return make_conninfo("", **{**params, "host": "127.0.0.1", "port": str(self.port)})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_listening(port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(START_POLL_S)
+    log = log_path.read_text(errors="replace") if log_path.exists() else ""
+    raise RuntimeError(f"pgbouncer did not listen on port {port} within {START_TIMEOUT_S}s:\n{log}")
+
+
+@contextmanager
+def running_pgbouncer(server_url: str, *, pool_size: int = 10) -> Iterator[PgBouncer]:
+    """Run a transaction-mode PgBouncer in front of `server_url` while the block runs.
+
+    `pool_size` server connections per database and user: few enough that
+    clients really share server sessions, as they do in production.
+    """
+    binary = pgbouncer_binary()
+    if binary is None:
+        raise RuntimeError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
+    server = conninfo_to_dict(server_url)
+    port = _free_port()
+    with tempfile.TemporaryDirectory(
+        prefix="conveyor-pgbouncer-", ignore_cleanup_errors=True
+    ) as tmp:
+        yield from _run(binary, Path(tmp), server, port, pool_size)
+
+
+def _run(
+    binary: str, workdir: Path, server: dict[str, Any], port: int, pool_size: int
+) -> Iterator[PgBouncer]:
+    user = server.get("user") or "postgres"
+    (workdir / "users.txt").write_text(f'"{user}" ""\n')
+    ini = workdir / "pgbouncer.ini"
+    ini.write_text(
+        _INI.format(
+            host=server.get("host") or "127.0.0.1",
+            port=server.get("port") or 5432,
+            user=user,
+            listen=port,
+            dir=workdir,
+            pool_size=pool_size,
+        )
+    )
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
+    command = [binary, "-d", str(ini)]
+    if os.geteuid() == 0:
+        # PgBouncer refuses to run as root; the temporary directory sits in a
+        # directory every user may enter.
+        os.chmod(workdir, 0o777)
+        command = ["su", "postgres", "-s", "/bin/sh", "-c", " ".join(command)]
+    subprocess.run(command, check=True)
+    log_path = workdir / "pgbouncer.log"
+    try:
+        _wait_listening(port, log_path)
+        yield PgBouncer(port=port, version=version.stdout.splitlines()[0], log_path=log_path)
+    finally:
+        pid_file = workdir / "pgbouncer.pid"
+        if pid_file.exists():
+            _stop(int(pid_file.read_text().strip()))
+
+
+def _stop(pid: int) -> None:
+    """SIGTERM the daemon (it may run as another user: `kill` has the rights we
+    have) and wait until it has exited."""
+    subprocess.run(["kill", str(pid)], check=False, capture_output=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(START_POLL_S)
