@@ -93,6 +93,89 @@ async def test_partitions_created_and_removed_under_load_lose_no_job_and_run_non
     assert await app.partitions.all() == []
 
 
+async def _running_on(app: App, worker_id: str) -> list[int]:
+    rows = await query(
+        app,
+        "SELECT id FROM conveyor.jobs WHERE state = 'running' AND worker_id = %s ORDER BY id",
+        [worker_id],
+    )
+    return [row["id"] for row in rows]
+
+
+async def _settled_running_on(app: App, worker_id: str) -> list[int]:
+    """The jobs a paused worker holds, once statements it sent before it froze have
+    ended (two reads alike, and none of its jobs changing state between them)."""
+    seen: list[object] = []
+
+    async def settled() -> bool:
+        rows = await query(
+            app,
+            "SELECT id, state::text AS state FROM conveyor.jobs WHERE worker_id = %s ORDER BY id",
+            [worker_id],
+        )
+        seen.append(rows)
+        return len(seen) > 1 and seen[-1] == seen[-2]
+
+    await wait_until(settled, RUN_TIMEOUT_S, "the paused worker's jobs settle")
+    return await _running_on(app, worker_id)
+
+
+async def test_jobs_of_a_worker_killed_while_they_move_partitions_are_rescued_from_there(
+    sample_app: App, start: StartWorker
+) -> None:
+    app = sample_app
+    await query(app, GAUGE_DDL)
+    # Short leases: the survivor's rescuer takes the dead worker's jobs back soon.
+    timing = {"lease_duration": 2.0, "heartbeat_interval": 0.5, "rescue_interval": 0.5}
+    doomed, survivor = start("doomed", concurrency=8, **timing), start("survivor", **timing)
+    await asyncio.gather(doomed.wait_ready(), survivor.wait_ready())
+    ids = [
+        j.id
+        for j in await app.enqueue_many(
+            [app.get_task(RECORD).job(n=i) for i in range(WAVE)]
+            + [app.get_task(KEYED).job(key="fifo", n=i) for i in range(WAVE // 5)]
+        )
+    ]
+    procs = [doomed, survivor]
+
+    async def doomed_holds_jobs() -> bool:
+        return bool(await _running_on(app, doomed.info["id"]))
+
+    await wait_until(doomed_holds_jobs, RUN_TIMEOUT_S, "doomed runs jobs", procs=procs)
+    doomed.pause()  # frozen mid-run, holding leases on jobs that are about to move
+    held = await _settled_running_on(app, doomed.info["id"])
+    assert held
+    await app.partitions.create(RECORD)
+    await app.partitions.create(KEYED)
+    doomed.kill()
+    ids += [
+        j.id for j in await app.enqueue_many(app.get_task(RECORD).job(n=-i) for i in range(300))
+    ]
+    await wait_until(
+        lambda: _done_at_least(app, len(ids)), RUN_TIMEOUT_S, "all done", procs=[survivor]
+    )
+    await survivor.stop()
+
+    runs = Counter(r["job_id"] for r in await query(app, "SELECT job_id FROM public.executions"))
+    assert sorted(runs) == sorted(ids)
+    # Only what the dead worker held may have run twice: once there, once rescued.
+    assert {job_id for job_id, n in runs.items() if n > 1} <= set(held)
+    assert set(runs.values()) <= {1, 2}
+    rescued = {job.id: job for job in await app.get_jobs(held)}
+    assert all(job.state == "succeeded" and job.attempt == 2 for job in rescued.values())
+    assert all(job.worker_id == survivor.info["id"] for job in rescued.values())
+    homes = await query(
+        app,
+        "SELECT DISTINCT tableoid::regclass::text AS t FROM conveyor.jobs WHERE id = ANY(%s)",
+        [held],
+    )
+    assert {h["t"] for h in homes} <= {
+        f"conveyor.{i.table_name}" for i in await app.partitions.all()
+    }
+    assert counts_differ(*await snapshot_key_counts(app)) == {}
+    assert survivor.stats()["stale_writes"] == 0
+
+
 async def _done_at_least(app: App, target: int) -> bool:
     return await _done(app) >= target
 

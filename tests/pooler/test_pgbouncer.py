@@ -255,6 +255,46 @@ async def test_lock_holders_in_racing_processes_through_the_pooler_never_overlap
     assert advisory_locks_held(database_url) == []
 
 
+KILLED_HOLDER = """
+import asyncio, sys
+from conveyor import App, Config
+
+async def main() -> None:
+    app = App(config=Config(database_url=sys.argv[1], prepare_threshold=None))
+    lock = app.lock(sys.argv[2])
+    assert await lock.acquire(timeout=10)
+    print("held", lock.pid, flush=True)
+    await asyncio.Event().wait()  # until killed
+
+asyncio.run(main())
+"""
+
+
+async def test_a_holder_killed_behind_the_pooler_frees_its_lock_at_once(
+    pooled_app: App, pooled_url: str, database_url: str
+) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", KILLED_HOLDER, pooled_url, "crashed"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert holder.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), RUN_TIMEOUT_S)
+        assert line.startswith(b"held"), line
+        assert not await pooled_app.lock("crashed").acquire(timeout=0)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The client died inside the lock's transaction: PgBouncer cannot hand that
+    # server connection to anyone, so it closes it, and the lock goes with it.
+    successor = pooled_app.lock("crashed")
+    assert await successor.acquire(timeout=10)
+    assert [pid for pid, *_ in advisory_locks_held(database_url)] == [successor.pid]
+    await successor.release()
+
+
 # -- migrations ---------------------------------------------------------------
 
 
