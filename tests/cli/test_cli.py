@@ -122,7 +122,8 @@ def test_partitions_create_refuses_an_empty_task_name(cli_env: str) -> None:
     assert "(none" in runner.invoke(cli, ["partitions"]).output
 
 
-def test_worker_subprocess_runs_jobs_and_stops_on_sigterm(cli_env: str) -> None:
+@pytest.mark.parametrize("listen", ["--listen", "--no-listen"])
+def test_worker_subprocess_runs_jobs_and_stops_on_sigterm(cli_env: str, listen: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     enqueue = subprocess.run(
         [sys.executable, "-m", "conveyor", "enqueue", SAMPLE, "multiply", "--args",
@@ -133,7 +134,7 @@ def test_worker_subprocess_runs_jobs_and_stops_on_sigterm(cli_env: str) -> None:
     job_id = json.loads(enqueue.stdout)["id"]
     worker = subprocess.Popen(
         [sys.executable, "-m", "conveyor", "worker", SAMPLE, "--concurrency", "2",
-         "--poll-interval", "0.2"],
+         "--poll-interval", "0.2", listen],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
