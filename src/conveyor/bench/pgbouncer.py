@@ -8,6 +8,7 @@ pgbouncer`); it is not on PyPI.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -123,7 +124,7 @@ def _run(
         # PgBouncer refuses to run as root; the temporary directory sits in a
         # directory every user may enter.
         os.chmod(workdir, 0o777)
-        command = ["su", "postgres", "-s", "/bin/sh", "-c", " ".join(command)]
+        command = ["su", _unprivileged_user(server), "-s", "/bin/sh", "-c", " ".join(command)]
     subprocess.run(command, check=True)
     log_path = workdir / "pgbouncer.log"
     try:
@@ -133,6 +134,18 @@ def _run(
         pid_file = workdir / "pgbouncer.pid"
         if pid_file.exists():
             _stop(int(pid_file.read_text().strip()))
+
+
+def _unprivileged_user(server: dict[str, Any]) -> str:
+    """Who runs PgBouncer when we are root: the owner of the server's socket
+    directory if it is reached by one (the embedded server's user, for one,
+    whose data directory nobody else may enter), else `postgres`."""
+    host = server.get("host") or ""
+    if host.startswith("/") and Path(host).is_dir():
+        owner = pwd.getpwuid(Path(host).stat().st_uid).pw_name
+        if owner != "root":
+            return owner
+    return "postgres"
 
 
 def _stop(pid: int) -> None:
