@@ -28,7 +28,7 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from conveyor import App, JobContext
+from conveyor import App, Config, JobContext
 from conveyor.cli.main import cli
 from conveyor.errors import LockError, LockLost
 from conveyor.jobs import JobState
@@ -503,3 +503,43 @@ async def test_a_held_lock_holds_back_no_vacuum_horizon_and_no_transaction_id(
         assert await execute(database_url, query, (lock.pid,)) == idle
         await lock.extend()
         assert await execute(database_url, query, (lock.pid,)) == idle
+
+
+async def test_a_lock_is_taken_and_listed_while_every_pooled_connection_is_busy(
+    database_url: str,
+) -> None:
+    """A task inside an atomic step holds a pooled connection while it takes a lock:
+    the lock must not need one of its own from the pool."""
+    app = App(config=Config(database_url=database_url, pool_size=1))
+    try:
+        async with app.db.connection():  # the pool's only connection, busy
+            lock = app.lock("pool-busy", owner="busy")
+            assert await asyncio.wait_for(lock.acquire(timeout=1), 5)
+            rows = await execute(
+                database_url,
+                "SELECT key, owner, pid FROM conveyor.advisory_locks WHERE key = 'pool-busy'",
+            )
+            assert rows == [("pool-busy", "busy", lock.pid)]
+            await asyncio.wait_for(lock.release(), 5)
+    finally:
+        await app.close()
+
+
+async def test_a_failed_try_leaves_no_registry_row_behind(
+    advisory_lock: AdvisoryFactory, app: App, database_url: str
+) -> None:
+    holder, other = advisory_lock("contended"), advisory_lock("contended")
+    assert await holder.acquire(timeout=0)
+    assert not await other.acquire(timeout=0)  # registered first, then refused
+    registry = "SELECT owner FROM conveyor.advisory_locks ORDER BY owner"
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:  # until the refused session's backend has exited and been purged
+        await app.list_locks()
+        rows = await execute(database_url, registry)
+        if rows == [(holder.owner,)] or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    assert rows == [(holder.owner,)]
+    await holder.release()
+    await app.list_locks()
+    assert await execute(database_url, registry) == []

@@ -76,7 +76,8 @@ class LockInfo:
     """The key as given, when conveyor took the lock (else only the ids are known)."""
     owner: str | None
     since: datetime | None
-    """When it was acquired (conveyor session locks), or when the wait began."""
+    """Held: when its holder asked for it (conveyor session locks; a lock that had to
+    wait shows the start of that wait). Awaited: when the wait began."""
 
     @classmethod
     def from_row(cls, row: Row) -> LockInfo:
@@ -121,15 +122,22 @@ class AdvisoryLock(GuardedLock):
             raise LockError(f"lock {self.describe()} is already held by this object")
         conn = await self._connect()
         try:
+            # Registered first, in autocommit on this connection: rows written in
+            # the lock's own transaction stay invisible to listings until it ends.
+            registered = await self._fetch(
+                conn, "register lock", "lock_register", {**self._register, "pid": None}
+            )
+            await conn.set_autocommit(False)
             row = await self._take(conn, timeout_s)
             if row is None:
                 await conn.close()
                 return False
-            # Registered from the pool: rows written in the lock's own transaction
-            # stay invisible to listings until it ends.
-            await self._db.fetch(
-                "register lock", "lock_register", {**self._register, "pid": row["pid"]}
-            )
+            if row["pid"] != registered[0]["pid"]:
+                # A pooler gave the lock's transaction another server session than
+                # the registration: register that one, from the app's pool.
+                await self._db.fetch(
+                    "register lock", "lock_register", {**self._register, "pid": row["pid"]}
+                )
         except BaseException:
             await conn.close()
             raise
@@ -242,13 +250,12 @@ class AdvisoryLock(GuardedLock):
     async def _connect(self) -> psycopg.AsyncConnection[Row]:
         kwargs = self._db.connect_kwargs(application_name=APPLICATION_NAME)
         kwargs["prepare_threshold"] = None
-        # Not autocommit: the first statement opens the transaction the lock lives in.
         # Client-side binding sends every statement as a simple query, whose portal
         # (and snapshot) is dropped when it ends; an extended-protocol portal would
         # stay open, holding back the vacuum horizon for as long as the lock is held.
         return await psycopg.AsyncConnection.connect(
             self._db.conninfo,
-            autocommit=False,
+            autocommit=True,
             row_factory=dict_row,
             cursor_factory=psycopg.AsyncClientCursor,
             **kwargs,

@@ -23,13 +23,17 @@ SELECT set_config('lock_timeout', %(timeout)s, true),
        set_config('idle_in_transaction_session_timeout', '0', true);
 
 -- name: lock_register
--- After a session acquire, from the app's pool (rows written in the lock's own
--- transaction stay invisible to listings until it ends): note the key and
--- owner of the lock backend %(pid)s holds.
+-- Before a session acquire, on the lock's connection and outside the
+-- transaction the lock will live in (rows written inside it stay invisible to
+-- listings until it ends): note the key and owner of the lock this backend is
+-- about to ask for. %(pid)s names another backend instead: the one a pooler
+-- gave the lock's transaction (registered from the app's pool).
 INSERT INTO conveyor.advisory_locks (pid, classid, objid, objsubid, key, owner)
-VALUES (%(pid)s, %(classid)s, %(objid)s, %(objsubid)s, %(key)s, %(owner)s)
+VALUES (coalesce(%(pid)s, pg_backend_pid()), %(classid)s, %(objid)s, %(objsubid)s,
+        %(key)s, %(owner)s)
 ON CONFLICT (pid, classid, objid, objsubid)
-    DO UPDATE SET key = excluded.key, owner = excluded.owner, acquired_at = clock_timestamp();
+    DO UPDATE SET key = excluded.key, owner = excluded.owner, acquired_at = clock_timestamp()
+RETURNING pid;
 
 -- name: lock_release
 -- In the lock's transaction, just before it commits (which releases the lock):
@@ -82,14 +86,18 @@ WHERE l.locktype = 'advisory'
 ORDER BY l.granted DESC, since NULLS LAST, l.pid;
 
 -- name: lock_registry_purge
--- Forget registry rows whose lock is no longer held by their session.
+-- Forget registry rows whose session neither holds nor waits for their lock,
+-- once that session has ended or the row is a minute old (a row is written
+-- just before its lock is asked for: a young one may be about to be used).
 DELETE FROM conveyor.advisory_locks AS r
 WHERE NOT EXISTS (
     SELECT 1 FROM pg_locks AS l
-    WHERE l.locktype = 'advisory' AND l.granted AND l.pid = r.pid
+    WHERE l.locktype = 'advisory' AND l.pid = r.pid
       AND l.classid::bigint = r.classid AND l.objid::bigint = r.objid
       AND l.objsubid = r.objsubid
-);
+)
+AND (NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.pid = r.pid)
+     OR r.acquired_at < clock_timestamp() - interval '1 minute');
 
 -- name: lock_alive
 -- The watch's look at a held lock's connection: does the session still answer.
