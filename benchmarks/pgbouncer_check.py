@@ -26,10 +26,12 @@ from conveyor.config import Config
 from conveyor.errors import LockError
 
 
-async def _check(url: str, jobs: int, concurrency: int, listen: bool) -> dict[str, Any]:
-    app = build_app(url)
-    app.config = Config(database_url=url, prepare_threshold=None)  # PgBouncer < 1.21
-    app.db.config = app.config
+async def _check(
+    label: str, config: Config, jobs: int, concurrency: int, listen: bool
+) -> dict[str, Any]:
+    app = build_app(config.database_url or "")
+    app.config = config
+    app.db.config = config
     await app.enqueue_many([app.tasks[NOOP].job()] * jobs)
     worker = Worker(
         app,
@@ -46,30 +48,45 @@ async def _check(url: str, jobs: int, concurrency: int, listen: bool) -> dict[st
     seconds = time.perf_counter() - started
     try:
         async with app.lock("pgbouncer-check", timeout=1):
-            session_lock = "granted (its transaction pins one server session)"
+            session_lock = "granted"
     except LockError as exc:
         session_lock = f"refused: {exc}"
     async with app.db.connection() as conn, conn.transaction():
         xact_lock = await app.xact_lock(conn, "pgbouncer-check-xact", timeout=1)
     await app.close()
     return {
+        "run": label,
         "listen": listen,
+        "prepare_threshold": config.prepare_threshold,
         "jobs": jobs,
         "succeeded": worker.stats.succeeded,
-        "seconds_start_to_stop": round(seconds, 3),
+        "jobs_per_s_start_to_stop": round(jobs / seconds),
         "session_lock": session_lock,
         "xact_lock": xact_lock,
     }
 
 
 async def _runs(server: str, bouncer: PgBouncer, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The same worker direct and through PgBouncer, each on a fresh database."""
     runs = []
-    for listen_flag in (False, True):
+    for label in (
+        "direct",
+        "direct, no prepared statements",
+        "pgbouncer",
+        "pgbouncer + session_url",
+    ):
         with fresh_database(server) as direct:
             migrated = build_app(direct)
             await migrated.migrate()
             await migrated.close()
-            runs.append(await _check(bouncer.url(direct), args.jobs, args.concurrency, listen_flag))
+            pooled = label.startswith("pgbouncer")
+            config = Config(
+                database_url=bouncer.url(direct) if pooled else direct,
+                prepare_threshold=5 if label == "direct" else None,
+                session_url=direct if label.endswith("session_url") else None,
+            )
+            listen = not pooled or config.session_url is not None
+            runs.append(await _check(label, config, args.jobs, args.concurrency, listen))
     return runs
 
 
