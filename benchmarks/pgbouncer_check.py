@@ -29,9 +29,7 @@ from conveyor.errors import LockError
 async def _check(
     label: str, config: Config, jobs: int, concurrency: int, listen: bool
 ) -> dict[str, Any]:
-    app = build_app(config.database_url or "")
-    app.config = config
-    app.db.config = config
+    app = build_app(config=config)
     await app.enqueue_many([app.tasks[NOOP].job()] * jobs)
     worker = Worker(
         app,

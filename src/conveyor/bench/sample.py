@@ -7,6 +7,7 @@ Worker processes started by `conveyor bench` import it as
 from __future__ import annotations
 
 from conveyor.app import App
+from conveyor.config import Config
 from conveyor.context import JobContext
 
 NOOP = "bench.noop"
@@ -14,9 +15,9 @@ PIPELINE = "bench_pipeline"
 PIPELINE_STEPS = 5
 
 
-def build_app(database_url: str | None = None) -> App:
-    """An App with the benchmark tasks and pipeline registered."""
-    app = App(database_url)
+def build_app(database_url: str | None = None, *, config: Config | None = None) -> App:
+    """An App with the benchmark tasks and pipeline registered (on `config`, if given)."""
+    app = App(database_url, config=config)
 
     @app.task(name=NOOP)
     async def noop(ctx: JobContext) -> None:
