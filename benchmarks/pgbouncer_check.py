@@ -24,6 +24,7 @@ from conveyor.bench.pgbouncer import PgBouncer, pgbouncer_binary, running_pgboun
 from conveyor.bench.sample import NOOP, build_app
 from conveyor.config import Config
 from conveyor.errors import LockError
+from conveyor.event_loop import run as run_loop
 
 
 async def _check(
@@ -94,7 +95,7 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
     server = server_url()
     with running_pgbouncer(server) as bouncer:
-        runs = asyncio.run(_runs(server, bouncer, args))
+        runs = run_loop(_runs(server, bouncer, args))
     print(json.dumps({"pgbouncer": bouncer.version, "runs": runs}, indent=2))
 
 

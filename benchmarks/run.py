@@ -16,7 +16,6 @@ summary says so.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import importlib
 import json
@@ -33,6 +32,7 @@ from conveyor.bench import scenarios
 from conveyor.bench.environment import fresh_database, machine, server_url
 from conveyor.bench.runner import plot, run_scenario, scenario_names
 from conveyor.cli.progress import progress_bar
+from conveyor.event_loop import run as run_loop
 
 COMPARED: list[tuple[str, dict[str, Any]]] = [
     ("throughput", {"jobs": 10_000, "concurrency": 10}),
@@ -218,7 +218,7 @@ async def _measure(quick: bool, repeats: int) -> tuple[list[dict[str, Any]], dic
 
 def main(quick: bool, repeats: int, out: Path) -> None:
     """Measure everything, then write the results directory."""
-    reports, comparison = asyncio.run(_measure(quick, repeats))
+    reports, comparison = run_loop(_measure(quick, repeats))
     out.mkdir(parents=True, exist_ok=True)
     for report in reports:
         plot(report, out / f"{report['scenario']}.png")

@@ -12,11 +12,12 @@ is installed into it first (`setup`) unless --no-setup. Use a new database per r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from typing import Any
 
 from benchmarks.peers import PEERS, load
+
+from conveyor.event_loop import run as run_loop
 
 SCENARIOS = ("setup", "enqueue", "throughput", "latency")
 DEFAULT_JOBS = {"throughput": 10_000, "latency": 200}
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="latency: jobs per second")
     parser.add_argument("--no-setup", action="store_true", help="schema already installed")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args))))
+    print(json.dumps(run_loop(run(args))))
 
 
 if __name__ == "__main__":

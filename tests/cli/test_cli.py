@@ -94,6 +94,12 @@ def test_status_shows_counts(cli_env: str) -> None:
     assert "3" in line
 
 
+def test_worker_refuses_an_unknown_event_loop(cli_env: str) -> None:
+    result = runner.invoke(cli, ["worker", SAMPLE, "--loop", "trio"])
+    assert result.exit_code == 2, result.output
+    assert "CONVEYOR_EVENT_LOOP must be one of auto, uvloop, asyncio" in result.output
+
+
 def test_partitions_create_list_and_remove(cli_env: str) -> None:
     empty = runner.invoke(cli, ["partitions"])
     assert empty.exit_code == 0, empty.output
@@ -122,8 +128,12 @@ def test_partitions_create_refuses_an_empty_task_name(cli_env: str) -> None:
     assert "(none" in runner.invoke(cli, ["partitions"]).output
 
 
-@pytest.mark.parametrize("listen", ["--listen", "--no-listen"])
-def test_worker_subprocess_runs_jobs_and_stops_on_sigterm(cli_env: str, listen: str) -> None:
+@pytest.mark.parametrize(
+    ("listen", "loop"), [("--listen", "auto"), ("--no-listen", "auto"), ("--listen", "asyncio")]
+)
+def test_worker_subprocess_runs_jobs_and_stops_on_sigterm(
+    cli_env: str, listen: str, loop: str
+) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     enqueue = subprocess.run(
         [sys.executable, "-m", "conveyor", "enqueue", SAMPLE, "multiply", "--args",
@@ -134,7 +144,7 @@ def test_worker_subprocess_runs_jobs_and_stops_on_sigterm(cli_env: str, listen: 
     job_id = json.loads(enqueue.stdout)["id"]
     worker = subprocess.Popen(
         [sys.executable, "-m", "conveyor", "worker", SAMPLE, "--concurrency", "2",
-         "--poll-interval", "0.2", listen],
+         "--poll-interval", "0.2", listen, "--loop", loop],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -154,6 +164,11 @@ def test_worker_subprocess_runs_jobs_and_stops_on_sigterm(cli_env: str, listen: 
         assert state == "succeeded"
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=20) == 0
+        assert worker.stderr is not None
+        # auto: uvloop, a dependency wherever it builds (it does here).
+        assert (
+            f"loop={'asyncio' if loop == 'asyncio' else 'uvloop'}" in worker.stderr.read().decode()
+        )
     finally:
         if worker.poll() is None:
             worker.kill()

@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from conveyor import Worker, WorkerConfig
+from conveyor.event_loop import run as run_loop
 from tests.concurrency.sample_app import build_app
 
 READY_TIMEOUT_S = 30.0
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
     )
-    asyncio.run(_serve(_parse(sys.argv[1:] if argv is None else argv)))
+    run_loop(_serve(_parse(sys.argv[1:] if argv is None else argv)))
     return 0
 
 

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from conveyor.config import Config
 from conveyor.db.connect import resolve_database_url
+from conveyor.event_loop import loop_name
 
 SETTINGS = (
     "server_version",
@@ -63,6 +64,7 @@ def machine(server: str) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "event_loop": loop_name(),
         "embedded_postgres": not os.environ.get("CONVEYOR_DATABASE_URL"),
         "postgres": settings,
     }

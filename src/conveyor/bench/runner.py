@@ -8,7 +8,6 @@ matplotlib, the `bench` extra).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from rich.progress import Progress
 from conveyor.bench.environment import fresh_database, machine, server_url
 from conveyor.bench.scenarios import SCENARIOS, Bench, Result
 from conveyor.cli.progress import progress_bar
+from conveyor.event_loop import run as run_loop
 
 Params = dict[str, Any]
 
@@ -89,9 +89,9 @@ async def run_scenario(
 def run_with_progress(name: str, *, quick: bool, show: bool) -> Result:
     """Run a scenario in a new event loop, with a progress bar when `show`."""
     if not show:
-        return asyncio.run(run_scenario(name, quick=quick))
+        return run_loop(run_scenario(name, quick=quick))
     with progress_bar() as progress:
-        return asyncio.run(run_scenario(name, quick=quick, progress=progress))
+        return run_loop(run_scenario(name, quick=quick, progress=progress))
 
 
 def plot(report: Result, path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
@@ -12,6 +11,7 @@ from rich.console import Console
 from conveyor.app import App
 from conveyor.config import Config
 from conveyor.errors import ConveyorError
+from conveyor.event_loop import run as run_loop
 
 console = Console()
 err_console = Console(stderr=True)
@@ -32,10 +32,11 @@ def fail(exc: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def run(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine; a ConveyorError becomes a clean error exit."""
+def run(factory: Callable[[], Coroutine[Any, Any, T]], *, loop: str | None = None) -> T:
+    """Run a coroutine on conveyor's event loop (`conveyor.event_loop`, uvloop where
+    installed, or `loop`); a ConveyorError becomes a clean error exit."""
     try:
-        return asyncio.run(factory())
+        return run_loop(factory(), loop=loop)
     except ConveyorError as exc:
         raise fail(exc) from None
 

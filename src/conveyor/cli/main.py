@@ -88,6 +88,13 @@ def worker(
         ),
     ] = True,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+    loop: Annotated[
+        str,
+        typer.Option(
+            envvar="CONVEYOR_EVENT_LOOP",
+            help="Event loop: auto (uvloop where installed), uvloop or asyncio.",
+        ),
+    ] = "auto",
 ) -> None:
     """Run a worker until SIGINT/SIGTERM, then shut down gracefully."""
     _setup_logging(log_level)
@@ -102,7 +109,7 @@ def worker(
         )
     except ConveyorError as exc:
         raise fail(exc) from None
-    run(lambda: _work(app, config))
+    run(lambda: _work(app, config), loop=loop)
     _exit_despite_stuck_threads()
 
 

@@ -41,6 +41,7 @@ from conveyor.config import WorkerConfig
 from conveyor.context import JobContext, StopReason
 from conveyor.db.columns import columns
 from conveyor.db.control import ControlSession, control_channel, jobs_channel
+from conveyor.event_loop import loop_name
 from conveyor.jobs import Job
 from conveyor.maintenance.rescuer import Rescuer
 from conveyor.migrations.migrator import latest_version
@@ -224,10 +225,11 @@ class Worker:
         if self.config.run_rescuer:
             self._rescuer.start()
         log.info(
-            "worker %s started: queues=%s concurrency=%d",
+            "worker %s started: queues=%s concurrency=%d loop=%s",
             self.id,
             ",".join(self.config.queues),
             self.config.concurrency,
+            loop_name(),
         )
 
     async def stop(self) -> None:
