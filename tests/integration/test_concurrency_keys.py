@@ -857,6 +857,55 @@ async def test_statement_triggers_stay_linear_in_the_rows_a_statement_updates(
     )
 
 
+async def test_count_trigger_locks_keys_in_key_order_so_crossed_batches_do_not_deadlock(
+    app: App,
+) -> None:
+    # T1 ends a job of key a, then one of key b; T2, between the two, ends one of
+    # each in a single statement that names b first. The count trigger locks a
+    # statement's key rows in key order before updating any: T2 waits at a
+    # holding nothing, T1 takes b and commits, then T2 goes on. Locking in any
+    # other order would hold b while waiting for a: a deadlock, one side failing.
+    @app.task(name="keyed", concurrency_limit=5, concurrency_key="{k}")
+    async def keyed(ctx: JobContext, k: str, n: int) -> None: ...
+
+    jobs = await app.enqueue_many(keyed.job(k=k, n=n) for n in range(2) for k in ("a", "b"))
+    ids = {(j.args["k"], j.args["n"]): j.id for j in jobs}
+    claimed = await app.db.fetch(
+        "claim", "job_claim_many", {**CLAIM_EXAMPLE, "limit": 4, "worker_id": "test"}
+    )
+    assert len(claimed) == 4
+    end = (
+        "UPDATE conveyor.jobs AS j SET state = 'succeeded', finished_at = now(), "
+        "lease_token = NULL, lease_expires_at = NULL "
+        "FROM unnest(%s::bigint[]) WITH ORDINALITY AS u(id, ord) WHERE j.id = u.id"
+    )
+    async with app.db.connection() as t1, app.db.connection() as t2:
+        async with t1.transaction():
+            await t1.execute(end, ([ids["a", 0]],))
+            crossed = asyncio.create_task(_in_transaction(t2, end, [ids["b", 1], ids["a", 1]]))
+            await wait_until(lambda: _waiting_on_a_lock(app), "T2 to wait for key a")
+            await t1.execute(end, ([ids["b", 0]],))
+        await crossed
+    stats = await assert_counts_match(app)
+    assert stats[("default", "a")] == _counts(enqueued=2, succeeded=2)
+    assert stats[("default", "b")] == _counts(enqueued=2, succeeded=2)
+
+
+async def _in_transaction(conn: Any, statement: str, ids: list[int]) -> None:
+    async with conn.transaction():
+        await conn.execute("SET LOCAL lock_timeout = '20s'")  # a hang fails, not blocks
+        await conn.execute(statement, (ids,))
+
+
+async def _waiting_on_a_lock(app: App) -> bool:
+    rows = await query(
+        app,
+        "SELECT count(*) AS n FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND datname = current_database()",
+    )
+    return bool(rows[0]["n"])
+
+
 async def test_claim_walks_both_claim_indexes_with_a_large_keyed_backlog(app: App) -> None:
     @app.task(name="keyed", concurrency_limit=2, concurrency_key="k{n}")
     async def keyed(ctx: JobContext, n: int) -> None: ...
