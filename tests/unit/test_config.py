@@ -178,3 +178,21 @@ def test_connections_keep_the_url_options_and_turn_jit_off() -> None:
     assert plain["options"] == "-c jit=off"
     own = connection_kwargs(Config(), conninfo="postgresql://u@h/db?options=-c%20search_path%3Dapp")
     assert own["options"] == "-c search_path=app -c jit=off"
+
+
+def test_connections_parse_json_with_a_shortcut_for_empty_values() -> None:
+    from psycopg.pq import Format
+
+    from conveyor.db.connect import ADAPTERS, connection_kwargs
+
+    assert connection_kwargs(Config())["context"] is ADAPTERS
+    jsonb = ADAPTERS.types["jsonb"].oid
+    loader = ADAPTERS.get_loader(jsonb, Format.TEXT)
+    assert loader is not None
+    load = loader(jsonb).load
+    first, second = load(b"{}"), load(b"{}")
+    first["changed"] = True
+    assert second == {} and first is not second  # a new object every time
+    assert load(b"[]") == [] and load(memoryview(b"[]")) == []
+    assert load(b'{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
+    assert load(b'"{}"') == "{}"
