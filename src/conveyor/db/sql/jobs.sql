@@ -221,9 +221,10 @@ RETURNING j.*, CASE WHEN j.run_id IS NOT NULL THEN conveyor.run_job_context(j.id
 -- Record a batch of attempt outcomes; a row whose lease token is stale is left alone (fencing).
 WITH outcome AS (
     SELECT *
+    -- Binary arrays (%()b), as in job_insert_many: a third of the dumping time.
     FROM unnest(
-        %(id)s::bigint[], %(token)s::bigint[], %(state)s::text[], %(result)s::text[],
-        %(error)s::text[], %(retry_in_s)s::float8[], %(refund)s::boolean[]
+        %(id)b::bigint[], %(token)b::bigint[], %(state)b::text[], %(result)b::text[],
+        %(error)b::text[], %(retry_in_s)b::float8[], %(refund)b::boolean[]
     ) AS o(id, token, state, result, error, retry_in_s, refund)
 ),
 resolved AS (
@@ -291,7 +292,7 @@ FROM updated;
 -- Heartbeat: push the lease expiry of this worker's running jobs whose token still matches.
 UPDATE conveyor.jobs AS j
 SET lease_expires_at = (SELECT conveyor.now()) + make_interval(secs => %(lease_s)s)
-FROM unnest(%(id)s::bigint[], %(token)s::bigint[]) AS l(id, token)
+FROM unnest(%(id)b::bigint[], %(token)b::bigint[]) AS l(id, token)
 WHERE j.id = l.id
   AND j.lease_token = l.token
   AND j.state = 'running'
