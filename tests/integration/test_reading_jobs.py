@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from psycopg.pq import Format
 
-from conveyor import App, JobNotFound, JobState, WaitTimeout, Worker, WorkerConfig
+from conveyor import App, JobContext, JobNotFound, JobState, WaitTimeout, Worker, WorkerConfig
+from conveyor.db.connect import _json_loads
 from conveyor.testing import drain
 
 
@@ -91,3 +94,36 @@ async def test_counts_match_what_was_enqueued_per_queue_and_state(app: App) -> N
     expected = {"a": {"succeeded": 3, "failed": 1}, "b": {"available": 2, "scheduled": 1}}
     assert await app.counts() == expected
     assert app.counts_sync() == expected
+
+
+EMPTIES = "SELECT '{}'::jsonb AS a, '{}'::jsonb AS b, '[]'::jsonb AS c, '{\"x\": [1]}'::jsonb AS d"
+
+
+async def test_both_pools_parse_empty_json_values_as_new_objects(app: App) -> None:
+    # Every claim reads each job's meta and errors, mostly {} and []: the pools'
+    # connections skip the JSON parser for those, and must still hand out a new
+    # object each time (a task may change its job's meta).
+    async with app.db.connection() as conn:
+        row = await (await conn.execute(EMPTIES)).fetchone()
+        assert _loads_of(conn) is _json_loads
+    assert row == {"a": {}, "b": {}, "c": [], "d": {"x": [1]}}
+    assert row["a"] is not row["b"]
+    with app.db.sync_pool().connection() as sync_conn:
+        sync_row = sync_conn.execute(EMPTIES).fetchone()
+        assert _loads_of(sync_conn) is _json_loads
+    assert sync_row == row
+
+    @app.task(name="tagged")
+    async def tagged(ctx: JobContext) -> None: ...
+
+    job = await tagged.enqueue()
+    read = await app.get_job(job.id)
+    assert (read.meta, read.errors) == ({}, [])
+    read.meta["mine"] = 1
+    assert (await app.get_job(job.id)).meta == {}
+
+
+def _loads_of(conn: Any) -> Any:
+    oid = conn.adapters.types["jsonb"].oid
+    loader = conn.adapters.get_loader(oid, Format.TEXT)
+    return loader(oid, conn).loads

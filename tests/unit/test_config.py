@@ -181,13 +181,17 @@ def test_connections_keep_the_url_options_and_turn_jit_off() -> None:
 
 
 def test_connections_parse_json_with_a_shortcut_for_empty_values() -> None:
+    import psycopg
+    from psycopg.adapt import AdaptersMap
     from psycopg.pq import Format
 
-    from conveyor.db.connect import ADAPTERS, connection_kwargs
+    from conveyor.db.connect import connection_kwargs, use_fast_json
 
-    assert connection_kwargs(Config())["context"] is ADAPTERS
-    jsonb = ADAPTERS.types["jsonb"].oid
-    loader = ADAPTERS.get_loader(jsonb, Format.TEXT)
+    assert "context" not in connection_kwargs(Config())  # psycopg's global adapters
+    adapters = AdaptersMap(psycopg.adapters)
+    use_fast_json(adapters)
+    jsonb = adapters.types["jsonb"].oid
+    loader = adapters.get_loader(jsonb, Format.TEXT)
     assert loader is not None
     load = loader(jsonb).load
     first, second = load(b"{}"), load(b"{}")

@@ -6,8 +6,7 @@ import json
 import os
 from typing import Any
 
-import psycopg
-from psycopg.adapt import AdaptersMap
+from psycopg.abc import AdaptContext
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import set_json_loads
 
@@ -52,10 +51,15 @@ def _json_loads(data: bytes | str) -> Any:
     return json.loads(data)
 
 
-ADAPTERS = AdaptersMap(psycopg.adapters)
-"""psycopg's adapters with JSON parsed through `_json_loads`; every connection
-conveyor opens uses them (its `context`)."""
-set_json_loads(_json_loads, ADAPTERS)
+def use_fast_json(context: AdaptContext) -> None:
+    """Parse JSON on `context` (a connection of conveyor's pools) through a shortcut
+    for empty objects and arrays.
+
+    Registered on each connection as the pool opens it, so that the connection
+    still starts from psycopg's global adapters as they are at that moment,
+    including any the application registered after importing conveyor.
+    """
+    set_json_loads(_json_loads, context)
 
 
 def connection_kwargs(
@@ -77,5 +81,4 @@ def connection_kwargs(
         "keepalives_count": KEEPALIVE_COUNT,
         "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
         "prepare_threshold": config.prepare_threshold,
-        "context": ADAPTERS,
     }

@@ -23,7 +23,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from conveyor.config import Config
-from conveyor.db.connect import connection_kwargs, resolve_database_url
+from conveyor.db.connect import connection_kwargs, resolve_database_url, use_fast_json
 from conveyor.db.queries import Queries
 from conveyor.db.shielding import borrowed, give_back, run_to_end, take
 from conveyor.db.sqlstate import is_transient, surely_not_applied, to_database_error
@@ -108,6 +108,7 @@ class Database:
                             **self.connect_kwargs(),
                         },
                         connection_class=psycopg.AsyncConnection[Row],
+                        configure=_configure_async,
                         timeout=self.config.connect_timeout.total_seconds(),
                         open=False,
                         name="conveyor",
@@ -247,6 +248,7 @@ class Database:
                     max_size=self.config.pool_size,
                     kwargs={"autocommit": True, "row_factory": dict_row, **self.connect_kwargs()},
                     connection_class=psycopg.Connection[Row],
+                    configure=use_fast_json,
                     timeout=self.config.connect_timeout.total_seconds(),
                     open=False,
                     name="conveyor-sync",
@@ -325,3 +327,8 @@ class Database:
         sync_pool, self._sync_pool = self._sync_pool, None
         if sync_pool is not None:
             sync_pool.close()
+
+
+async def _configure_async(conn: psycopg.AsyncConnection[Row]) -> None:
+    """Set up each connection the async pool opens (see `use_fast_json`)."""
+    use_fast_json(conn)
