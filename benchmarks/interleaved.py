@@ -1,4 +1,4 @@
-"""Compare two versions of conveyor in runs interleaved old, new, old, new...
+"""Compare two versions of conveyor in interleaved runs: old, new, new, old, old, new...
 
     python -m benchmarks.interleaved --old e39dc04 --case plain --concurrency 50 --pairs 3
 
@@ -113,8 +113,10 @@ def _run_in(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
         "--jobs", str(args.jobs), "--concurrency", str(args.concurrency),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
-    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(command, env=env, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"a run in {tree} failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -142,7 +144,10 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
     with _checkout(args.old) as old_tree, _checkout(args.new) as new_tree:
         for pair in range(1, args.pairs + 1):
-            for side, tree in (("old", old_tree), ("new", new_tree)):
+            sides = [("old", old_tree), ("new", new_tree)]
+            # Alternate which goes first, so that a steady drift (or running
+            # second) does not favour one side in every pair.
+            for side, tree in sides if pair % 2 else reversed(sides):
                 result = _run_in(tree, args)
                 runs[side].append(result)
                 print(f"pair {pair} {side}: {json.dumps(result)}", flush=True)

@@ -112,7 +112,8 @@ def _summary(reports: list[dict[str, Any]], comparison: dict[str, Any]) -> str:
     info = reports[0]["machine"] if reports else machine(server_url())
     pg = info["postgres"]
     lines += [
-        f"Machine: {info['cpus']} CPUs, Python {info['python']}, PostgreSQL "
+        f"Machine: {info['cpus']} CPUs, Python {info['python']} on "
+        f"{info.get('event_loop', 'asyncio')}, PostgreSQL "
         f"{pg['server_version']} on the same machine (shared_buffers {pg['shared_buffers']}, "
         f"synchronous_commit {pg['synchronous_commit']}, fsync {pg['fsync']}).",
         "",

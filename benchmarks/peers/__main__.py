@@ -17,6 +17,7 @@ from typing import Any
 
 from benchmarks.peers import PEERS, load
 
+from conveyor.event_loop import loop_name
 from conveyor.event_loop import run as run_loop
 
 SCENARIOS = ("setup", "enqueue", "throughput", "latency")
@@ -41,7 +42,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         jobs = args.jobs or DEFAULT_JOBS["latency"]
         result = await peer.latency(url, jobs=jobs, rate_per_s=args.rate)
         result = {"jobs": jobs, "rate_per_s": args.rate, **result}
-    return {"peer": peer.NAME, "version": peer.VERSION, "scenario": args.scenario, **result}
+    return {
+        "peer": peer.NAME,
+        "version": peer.VERSION,
+        "scenario": args.scenario,
+        "event_loop": loop_name(),
+        **result,
+    }
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 """The event loop conveyor's own entry points run on: uvloop where it is installed.
 
 `conveyor worker`, the other commands, `conveyor demo` and `conveyor bench`
-start their event loop here. uvloop is a dependency on the platforms it
-supports (not Windows); elsewhere, or with `CONVEYOR_EVENT_LOOP=asyncio`, the
-standard loop runs. A worker spends much of its Python time in the event loop
-(a task per job, callbacks, socket readiness), and uvloop does that work in C:
+start their event loop here: uvloop when it is installed (`pip install
+'conveyor[uvloop]'`; not on Windows), else, or with
+`CONVEYOR_EVENT_LOOP=asyncio`, the standard loop. A worker spends much of its
+Python time in the event loop (a task per job, callbacks, socket readiness),
+and uvloop does that work in C:
 measured on 2 cores, 10-15% more jobs/s for no-op jobs at concurrency 10 and
 50, and 20% for one busy concurrency key (`docs/performance.md`).
 
@@ -40,14 +41,19 @@ def loop_factory(choice: str | None = None) -> LoopFactory | None:
     """
     wanted = (choice or os.environ.get(ENV_EVENT_LOOP) or "auto").strip().lower()
     if wanted not in CHOICES:
-        raise ConfigError(f"{ENV_EVENT_LOOP} must be one of {', '.join(CHOICES)}, got {wanted!r}")
+        raise ConfigError(
+            f"the event loop (--loop or {ENV_EVENT_LOOP}) must be one of "
+            f"{', '.join(CHOICES)}, got {wanted!r}"
+        )
     if wanted == "asyncio":
         return None
     try:
         import uvloop
     except ImportError:
         if wanted == "uvloop":
-            raise ConfigError("uvloop was asked for but is not installed") from None
+            raise ConfigError(
+                "uvloop was asked for but is not installed: pip install 'conveyor[uvloop]'"
+            ) from None
         return None
     factory: LoopFactory = uvloop.new_event_loop
     return factory

@@ -200,3 +200,25 @@ def test_connections_parse_json_with_a_shortcut_for_empty_values() -> None:
     assert load(b"[]") == [] and load(memoryview(b"[]")) == []
     assert load(b'{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
     assert load(b'"{}"') == "{}"
+
+
+def test_an_application_json_loader_is_kept_without_the_shortcut() -> None:
+    import json
+
+    import psycopg
+    from psycopg.adapt import AdaptersMap
+    from psycopg.pq import Format
+    from psycopg.types.json import set_json_loads
+
+    from conveyor.db.connect import use_fast_json
+
+    def decimal_floats(data: bytes) -> object:
+        return json.loads(data, parse_float=str)
+
+    adapters = AdaptersMap(psycopg.adapters)
+    set_json_loads(decimal_floats, adapters)  # the application's choice, e.g. orjson
+    use_fast_json(adapters)
+    jsonb = adapters.types["jsonb"].oid
+    loader = adapters.get_loader(jsonb, Format.TEXT)
+    assert loader is not None
+    assert loader(jsonb).load(b'{"x": 1.5}') == {"x": "1.5"}

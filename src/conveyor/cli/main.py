@@ -33,6 +33,7 @@ from conveyor.cli.partitions import partitions_cli
 from conveyor.cli.runs import runs_cli
 from conveyor.config import WorkerConfig
 from conveyor.errors import ConveyorError
+from conveyor.event_loop import loop_factory
 from conveyor.jobs import JobState, KeyStats, QueueStats, WorkerInfo
 from conveyor.locks.advisory import LockInfo
 from conveyor.maintenance.pruner import PruneReport
@@ -99,6 +100,7 @@ def worker(
     """Run a worker until SIGINT/SIGTERM, then shut down gracefully."""
     _setup_logging(log_level)
     try:
+        loop_factory(loop)  # a bad choice fails before the app is imported
         app = load_app(app_path)
         config = WorkerConfig(
             queues=tuple(q.strip() for q in queues.split(",") if q.strip()),

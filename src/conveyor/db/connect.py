@@ -8,7 +8,14 @@ from typing import Any
 
 from psycopg.abc import AdaptContext
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.types.json import set_json_loads
+from psycopg.pq import Format
+from psycopg.types.json import (
+    JsonbBinaryLoader,
+    JsonBinaryLoader,
+    JsonbLoader,
+    JsonLoader,
+    set_json_loads,
+)
 
 from conveyor.config import ENV_DATABASE_URL, Config
 
@@ -53,13 +60,31 @@ def _json_loads(data: bytes | str) -> Any:
 
 def use_fast_json(context: AdaptContext) -> None:
     """Parse JSON on `context` (a connection of conveyor's pools) through a shortcut
-    for empty objects and arrays.
+    for empty objects and arrays, unless the application chose its own parsing.
 
-    Registered on each connection as the pool opens it, so that the connection
-    still starts from psycopg's global adapters as they are at that moment,
-    including any the application registered after importing conveyor.
+    Registered on each connection as the pool opens it, so the connection
+    starts from psycopg's global adapters as they are at that moment. If its
+    JSON loaders are no longer psycopg's own with `json.loads` (the application
+    called `set_json_loads`, say for orjson or Decimal floats, or registered
+    loaders of its own), they are left alone: jobs' `args` and results then
+    parse the application's way, without the shortcut.
     """
+    adapters = context.adapters
+    for name in ("json", "jsonb"):
+        info = adapters.types.get(name)
+        if info is None:
+            return
+        for fmt, default in _DEFAULT_JSON_LOADERS[name]:
+            loader = adapters.get_loader(info.oid, fmt)
+            if loader is not default or getattr(loader, "_loads", None) is not json.loads:
+                return
     set_json_loads(_json_loads, context)
+
+
+_DEFAULT_JSON_LOADERS = {
+    "json": ((Format.TEXT, JsonLoader), (Format.BINARY, JsonBinaryLoader)),
+    "jsonb": ((Format.TEXT, JsonbLoader), (Format.BINARY, JsonbBinaryLoader)),
+}
 
 
 def connection_kwargs(
