@@ -148,6 +148,38 @@ async def test_async_attempt_ignoring_cancellation_leaks_its_slot_but_the_job_mo
         await asyncio.sleep(0.05)
 
 
+async def test_async_attempt_without_timeout_ignoring_a_cancel_is_abandoned_at_the_hard_limit(
+    app: App,
+) -> None:
+    # No timeout: the worker's cancel is the only stop. An attempt that swallows
+    # it must still be left behind after cancel_hard_limit, its job recorded.
+    release = asyncio.Event()
+    swallowed: list[int] = []
+
+    @app.task(name="stubborn", max_attempts=1)
+    async def stubborn(ctx: JobContext) -> str:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                swallowed.append(1)  # and carry on regardless
+        return "finally done"
+
+    try:
+        async with running_worker(app, config()) as worker:
+            job = await stubborn.enqueue()
+            await wait_for_state(app, job.id, "running")
+            await app.cancel(job.id, reason="stop it")
+            done = await app.wait(job.id, timeout=WAIT_S)
+            assert done.state is JobState.CANCELLED
+            assert swallowed == [1]
+            assert worker.leaked_slots == 1
+            assert worker.running_job_ids == []
+    finally:
+        release.set()
+        await asyncio.sleep(0.05)
+
+
 async def test_sync_attempt_ignoring_cancellation_leaks_until_its_thread_returns(
     app: App,
 ) -> None:
