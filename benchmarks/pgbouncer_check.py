@@ -2,10 +2,12 @@
 
     python -m benchmarks.pgbouncer_check [--jobs 5000] [--concurrency 20]
 
-Needs the `pgbouncer` binary (Debian: `apt-get install pgbouncer`). Starts a
-PgBouncer of its own on a free port, in transaction mode, in front of the
-benchmark server (`CONVEYOR_DATABASE_URL`, else the embedded PostgreSQL), on a
-fresh database; prints one JSON report. docs/operations.md quotes it; the
+Needs the `pgbouncer` binary (Debian: `apt-get install pgbouncer`; or the one
+`CONVEYOR_PGBOUNCER` names). Starts a PgBouncer of its own on a free port, in
+transaction mode (with `max_prepared_statements` on 1.21+, which adds a run
+that keeps prepared statements), in front of the benchmark server
+(`CONVEYOR_DATABASE_URL`, else the embedded PostgreSQL), on a fresh database;
+prints one JSON report. docs/operations.md quotes it; the
 behaviour itself is proven by tests/pooler.
 """
 
@@ -20,7 +22,13 @@ from typing import Any
 
 from conveyor import Worker, WorkerConfig
 from conveyor.bench.environment import fresh_database, server_url
-from conveyor.bench.pgbouncer import PgBouncer, pgbouncer_binary, running_pgbouncer
+from conveyor.bench.pgbouncer import (
+    PREPARED_STATEMENTS_SINCE,
+    PgBouncer,
+    pgbouncer_binary,
+    running_pgbouncer,
+    version_of,
+)
 from conveyor.bench.sample import NOOP, build_app
 from conveyor.config import Config
 from conveyor.errors import LockError
@@ -68,12 +76,10 @@ async def _check(
 async def _runs(server: str, bouncer: PgBouncer, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The same worker direct and through PgBouncer, each on a fresh database."""
     runs = []
-    for label in (
-        "direct",
-        "direct, no prepared statements",
-        "pgbouncer",
-        "pgbouncer + session_url",
-    ):
+    labels = ["direct", "direct, no prepared statements", "pgbouncer", "pgbouncer + session_url"]
+    if bouncer.max_prepared_statements:
+        labels.append("pgbouncer, prepared statements")
+    for label in labels:
         with fresh_database(server) as direct:
             migrated = build_app(direct)
             await migrated.migrate()
@@ -81,7 +87,7 @@ async def _runs(server: str, bouncer: PgBouncer, args: argparse.Namespace) -> li
             pooled = label.startswith("pgbouncer")
             config = Config(
                 database_url=bouncer.url(direct) if pooled else direct,
-                prepare_threshold=5 if label == "direct" else None,
+                prepare_threshold=5 if label.endswith(("direct", "prepared statements")) else None,
                 session_url=direct if label.endswith("session_url") else None,
             )
             listen = not pooled or config.session_url is not None
@@ -94,7 +100,8 @@ def main(args: argparse.Namespace) -> None:
     if pgbouncer_binary() is None:
         raise SystemExit("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
     server = server_url()
-    with running_pgbouncer(server) as bouncer:
+    keeps = version_of(pgbouncer_binary() or "") >= PREPARED_STATEMENTS_SINCE
+    with running_pgbouncer(server, max_prepared_statements=200 if keeps else 0) as bouncer:
         runs = run_loop(_runs(server, bouncer, args))
     print(json.dumps({"pgbouncer": bouncer.version, "runs": runs}, indent=2))
 

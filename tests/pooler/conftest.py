@@ -3,8 +3,9 @@
 Started once per session on a free port with few server connections per
 database, so that clients really share server sessions between their
 transactions, as they do in production. The `pgbouncer` binary comes from the
-system (`.ci/run` installs Debian's package); it is not on PyPI. Without it
-these tests skip, except where CONVEYOR_TEST_REQUIRE_PGBOUNCER is set (CI).
+system (`.ci/run` installs Debian's package), or is the one CONVEYOR_PGBOUNCER
+names (say a 1.21+ built from source); it is not on PyPI. Without it these
+tests skip, except where CONVEYOR_TEST_REQUIRE_PGBOUNCER is set (CI).
 """
 
 from __future__ import annotations

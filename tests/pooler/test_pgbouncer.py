@@ -22,15 +22,66 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conveyor import App, JobContext, JobState, Worker, WorkerConfig
-from conveyor.bench.pgbouncer import PgBouncer
+from conveyor import App, Config, DatabaseError, JobContext, JobState, Worker, WorkerConfig
+from conveyor.bench.pgbouncer import (
+    PREPARED_STATEMENTS_SINCE,
+    PgBouncer,
+    pgbouncer_binary,
+    running_pgbouncer,
+    version_of,
+)
 from conveyor.migrations.migrator import available_migrations, migrate
+from conveyor.testing import drain
 from tests.concurrency.procs import REPO_ROOT, StartWorker, all_in_state, query, wait_until
 from tests.concurrency.sample_app import EXECUTIONS_DDL, RECORD, build_app
 from tests.pooler.conftest import pooled_config
 
 RUN_TIMEOUT_S = 60.0
 """Bound on any wait for work to finish; generous for a loaded 2-core machine."""
+
+
+async def test_prepared_statements_through_the_pooler_work_or_fail_naming_the_fix(
+    pgbouncer: PgBouncer, server_url: str, database_url: str
+) -> None:
+    # Two clients prepare different statements under the same psycopg name
+    # (`_pg3_0`) through a pooler with one server session. PgBouncer 1.21+ with
+    # max_prepared_statements keeps each client's statements apart, so a worker
+    # keeps its prepared claims; before 1.21 the second client finds the name
+    # taken, and conveyor's error says what to change. Which branch runs
+    # depends on the binary (CI: Debian's 1.18; CONVEYOR_PGBOUNCER may name
+    # another, as the fifth session did with 1.24.1).
+    binary = pgbouncer_binary()
+    assert binary is not None  # the `pgbouncer` fixture skipped or failed otherwise
+    keeps = version_of(binary) >= PREPARED_STATEMENTS_SINCE
+    limit = 100 if keeps else 0
+    with running_pgbouncer(server_url, pool_size=1, max_prepared_statements=limit) as bouncer:
+        url = bouncer.url(database_url)
+        first = App(config=Config(database_url=url, prepare_threshold=0))
+        second = App(config=Config(database_url=url, prepare_threshold=0))
+        try:
+            await first.counts()  # prepared at once, on the only server session
+            if not keeps:
+                with pytest.raises(DatabaseError, match=r"prepare_threshold=None.*1\.21"):
+                    await second.queue_stats()
+                return
+            for _ in range(3):
+                await second.queue_stats()
+                await first.counts()
+
+            @first.task(name="square")
+            async def square(ctx: JobContext, n: int) -> int:
+                return n * n
+
+            await first.enqueue_many(square.job(n=n) for n in range(300))
+            jobs = await drain(
+                first, WorkerConfig(listen=False, poll_interval=timedelta(milliseconds=50))
+            )
+            assert [(j.state, j.attempt, j.result) for j in jobs] == [
+                (JobState.SUCCEEDED, 1, n * n) for n in range(300)
+            ]
+        finally:
+            await first.close()
+            await second.close()
 
 
 def advisory_locks_held(database_url: str) -> list[tuple[Any, ...]]:

@@ -43,8 +43,16 @@ ignore_startup_parameters = extra_float_digits,options,application_name
 """
 
 
+BINARY_ENV = "CONVEYOR_PGBOUNCER"
+"""Path of the `pgbouncer` executable to use instead of the one on PATH (say a
+1.21+ built from source, next to the distribution's older package)."""
+
+
 def pgbouncer_binary() -> str | None:
-    """The path of the `pgbouncer` executable, or None when it is not installed."""
+    """The path of the `pgbouncer` executable (`CONVEYOR_PGBOUNCER`, else on PATH,
+    else Debian's), or None when it is not installed."""
+    if chosen := os.environ.get(BINARY_ENV):
+        return chosen
     found = shutil.which("pgbouncer")
     if found:
         return found
@@ -59,6 +67,9 @@ class PgBouncer:
     port: int
     version: str
     log_path: Path
+    max_prepared_statements: int = 0
+    """As configured: above 0 (PgBouncer 1.21+), clients keep server-side prepared
+    statements across the server sessions they are given."""
 
     def url(self, database_url: str) -> str:
         """`database_url` with host and port replaced by this pooler's."""
@@ -84,12 +95,27 @@ def _wait_listening(port: int, log_path: Path) -> None:
     raise RuntimeError(f"pgbouncer did not listen on port {port} within {START_TIMEOUT_S}s:\n{log}")
 
 
+def version_of(binary: str) -> tuple[int, int]:
+    """(major, minor) of a `pgbouncer` executable, from `--version`."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
+    major, minor = out.stdout.split()[1].split(".")[:2]
+    return int(major), int(minor)
+
+
+PREPARED_STATEMENTS_SINCE = (1, 21)
+"""The first PgBouncer that keeps clients' prepared statements in transaction mode."""
+
+
 @contextmanager
-def running_pgbouncer(server_url: str, *, pool_size: int = 10) -> Iterator[PgBouncer]:
+def running_pgbouncer(
+    server_url: str, *, pool_size: int = 10, max_prepared_statements: int = 0
+) -> Iterator[PgBouncer]:
     """Run a transaction-mode PgBouncer in front of `server_url` while the block runs.
 
     `pool_size` server connections per database and user: few enough that
     clients really share server sessions, as they do in production.
+    `max_prepared_statements` (PgBouncer 1.21+; 0: off) lets clients keep
+    server-side prepared statements.
     """
     binary = pgbouncer_binary()
     if binary is None:
@@ -99,11 +125,16 @@ def running_pgbouncer(server_url: str, *, pool_size: int = 10) -> Iterator[PgBou
     with tempfile.TemporaryDirectory(
         prefix="conveyor-pgbouncer-", ignore_cleanup_errors=True
     ) as tmp:
-        yield from _run(binary, Path(tmp), server, port, pool_size)
+        yield from _run(binary, Path(tmp), server, port, pool_size, max_prepared_statements)
 
 
 def _run(
-    binary: str, workdir: Path, server: dict[str, Any], port: int, pool_size: int
+    binary: str,
+    workdir: Path,
+    server: dict[str, Any],
+    port: int,
+    pool_size: int,
+    max_prepared_statements: int,
 ) -> Iterator[PgBouncer]:
     user = server.get("user") or "postgres"
     (workdir / "users.txt").write_text(f'"{user}" ""\n')
@@ -117,6 +148,11 @@ def _run(
             dir=workdir,
             pool_size=pool_size,
         )
+        + (
+            f"max_prepared_statements = {max_prepared_statements}\n"
+            if max_prepared_statements
+            else ""
+        )
     )
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
     command = [binary, "-d", str(ini)]
@@ -129,11 +165,21 @@ def _run(
     log_path = workdir / "pgbouncer.log"
     try:
         _wait_listening(port, log_path)
-        yield PgBouncer(port=port, version=version.stdout.splitlines()[0], log_path=log_path)
+        yield PgBouncer(
+            port=port,
+            version=version.stdout.splitlines()[0],
+            log_path=log_path,
+            max_prepared_statements=max_prepared_statements,
+        )
     finally:
         pid_file = workdir / "pgbouncer.pid"
         if pid_file.exists():
             _stop(int(pid_file.read_text().strip()))
+
+
+def _prepared_statements_line(limit: int) -> str:
+    # Only when asked: PgBouncer before 1.21 refuses the setting.
+    return f"max_prepared_statements = {limit}\n" if limit else ""
 
 
 def _unprivileged_user(server: dict[str, Any]) -> str:
