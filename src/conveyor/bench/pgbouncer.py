@@ -148,11 +148,7 @@ def _run(
             dir=workdir,
             pool_size=pool_size,
         )
-        + (
-            f"max_prepared_statements = {max_prepared_statements}\n"
-            if max_prepared_statements
-            else ""
-        )
+        + _prepared_statements_line(max_prepared_statements)
     )
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
     command = [binary, "-d", str(ini)]
