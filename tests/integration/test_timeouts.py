@@ -8,8 +8,9 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from conveyor import App, FixedDelay, JobContext, JobState, Worker, WorkerConfig
+from conveyor import App, FixedDelay, JobContext, JobState, Task, Worker, WorkerConfig
 from conveyor.testing import advance_time, freeze_time
 from tests.waiting import wait_for_state, wait_until
 
@@ -94,13 +95,10 @@ async def test_timed_out_attempt_is_scheduled_per_retry_policy(app: App) -> None
     assert [e["type"] for e in done.errors] == [TIMEOUT_TYPE] * 2
 
 
-async def test_async_attempt_ignoring_cancellation_leaks_its_slot_but_the_job_moves_on(
-    app: App,
-) -> None:
-    release = asyncio.Event()
-    swallowed: list[int] = []
+def _stubborn(app: App, release: asyncio.Event, swallowed: list[int], **options: Any) -> Task:
+    """A task that swallows every cancellation (noting it) until `release` is set."""
 
-    @app.task(name="stubborn", timeout=TIMEOUT_S, max_attempts=1)
+    @app.task(name="stubborn", max_attempts=1, **options)
     async def stubborn(ctx: JobContext) -> str:
         while not release.is_set():
             try:
@@ -108,6 +106,17 @@ async def test_async_attempt_ignoring_cancellation_leaks_its_slot_but_the_job_mo
             except asyncio.CancelledError:
                 swallowed.append(1)  # and carry on regardless
         return "finally done"
+
+    return stubborn
+
+
+async def test_async_attempt_ignoring_cancellation_leaks_its_slot_but_the_job_moves_on(
+    app: App,
+) -> None:
+    release = asyncio.Event()
+    swallowed: list[int] = []
+
+    stubborn = _stubborn(app, release, swallowed, timeout=TIMEOUT_S)
 
     @app.task(name="next_one")
     async def next_one(ctx: JobContext) -> str:
@@ -156,14 +165,7 @@ async def test_async_attempt_without_timeout_ignoring_a_cancel_is_abandoned_at_t
     release = asyncio.Event()
     swallowed: list[int] = []
 
-    @app.task(name="stubborn", max_attempts=1)
-    async def stubborn(ctx: JobContext) -> str:
-        while not release.is_set():
-            try:
-                await asyncio.sleep(0.02)
-            except asyncio.CancelledError:
-                swallowed.append(1)  # and carry on regardless
-        return "finally done"
+    stubborn = _stubborn(app, release, swallowed)
 
     try:
         async with running_worker(app, config()) as worker:
